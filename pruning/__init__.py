@@ -1,0 +1,1 @@
+"""Offline compression of causal LMs: data, evaluation, variant format, and pruning methods."""

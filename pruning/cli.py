@@ -1,0 +1,70 @@
+"""CLI commands for models, evaluation and pruning (`trimserve model|eval|prune ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pruning.data import NAMED_SOURCES
+from pruning.evaluate import evaluate
+from pruning.models import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, fetch_embedded, load_model
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="fp32", choices=sorted(set(DTYPES)), help="weights dtype (default fp32)")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="compute device (default cpu)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="fetch and inspect models")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    fetch = model_sub.add_parser("fetch", help="convert a built-in model to a cached safetensors checkpoint")
+    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED))
+    fetch.set_defaults(func=cmd_fetch)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity and multiple-choice accuracy of a model",
+        description="MODEL is a directory, a .gguf file, a hub id, or a built-in alias "
+        f"({', '.join(EMBEDDED)}). Named text sources: {', '.join(NAMED_SOURCES)}, or a .txt/.jsonl[:field] path.",
+    )
+    ev.add_argument("model")
+    ev.add_argument("--ppl", action="append", default=[], metavar="SOURCE", help="perplexity source (repeatable)")
+    ev.add_argument("--mc", action="append", default=[], metavar="SET", help="pubmedqa|medqa|medmcqa|mmlu[:subj,..]")
+    ev.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    ev.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    ev.add_argument("--mc-limit", type=int, default=None, help="score only the first N questions of each set")
+    ev.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    add_model_options(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    prune = sub.add_parser("prune", help="build pruned variants")
+    prune.add_subparsers(dest="prune_command", required=True, metavar="METHOD")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    path = fetch_embedded(args.name)
+    print(path)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if not args.ppl and not args.mc:
+        raise ValueError("nothing to evaluate: give --ppl SOURCE and/or --mc SET")
+    if args.seqlen < 2:
+        raise ValueError("--seqlen must be at least 2")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    results = evaluate(model, tokenizer, args.ppl, args.mc, args.seqlen, args.max_windows, args.mc_limit)
+    print(format_table(args.model, results, args.seqlen, args.max_windows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def format_table(model: str, results: dict[str, float], seqlen: int, max_windows: int | None) -> str:
+    windows = f"first {max_windows} windows" if max_windows else "all windows"
+    rows = [f"| metric | {model} |", "|---|---|"]
+    rows += [f"| {key} | {value:.4f} |" for key, value in results.items()]
+    return "\n".join(rows) + f"\n(perplexity: seqlen {seqlen}, {windows})"

