@@ -1,0 +1,61 @@
+"""What the HTTP layer and the engine exchange: sampling settings, token events, typed errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None  # a seeded request samples the same tokens whatever its batch-mates
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS tokens
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request; the last event carries the finish reason."""
+
+    token_id: int
+    finish_reason: FinishReason | None = None
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises; the HTTP layer maps each to a status."""
+
+
+class InvalidRequest(EngineError):
+    """Bad input (e.g. prompt too long): HTTP 400."""
+
+
+class Overloaded(EngineError):
+    """The variant's queue is full: HTTP 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(EngineError):
+    """The request ran past its deadline: HTTP 504 (OpenAI type `timeout`)."""
+
+
+class EngineDead(EngineError):
+    """The engine loop stopped or is shutting down: HTTP 503."""
+
+
+class Engine(Protocol):
+    """One loaded model. `generate` yields tokens as they are produced; `abort` frees the slot."""
+
+    name: str
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]: ...
+
+    async def abort(self, request_id: str) -> None: ...
