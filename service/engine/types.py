@@ -20,6 +20,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one variant's engine; the server builds it from its settings."""
+
+    max_batch_size: int = 8  # requests decoded together
+    max_queue: int = 64  # waiting requests beyond this get Overloaded (HTTP 429)
+    max_prompt_tokens: int = 2048  # longer prompts get InvalidRequest (HTTP 400)
+    max_tokens: int = 1024  # cap on SamplingParams.max_tokens (HTTP 400 beyond)
+    request_timeout_s: float = 300.0  # deadline from arrival to the last token
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one request; the last event carries the finish reason."""
 
