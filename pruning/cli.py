@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from pruning.data import NAMED_SOURCES
-from pruning.evaluate import evaluate
+from pruning.evaluate import evaluate, load_eval_data
 from pruning.models import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, fetch_embedded, load_model
 
 
@@ -54,8 +54,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --ppl SOURCE and/or --mc SET")
     if args.seqlen < 2:
         raise ValueError("--seqlen must be at least 2")
+    data = load_eval_data(args.ppl, args.mc, args.mc_limit)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    results = evaluate(model, tokenizer, args.ppl, args.mc, args.seqlen, args.max_windows, args.mc_limit)
+    results = evaluate(model, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows, data=data)
     print(format_table(args.model, results, args.seqlen, args.max_windows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

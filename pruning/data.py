@@ -36,9 +36,10 @@ def data_dir() -> Path:
     return Path.cwd() / "data"
 
 
-def _require_file(path: Path) -> Path:
+def _require_file(path: Path, named: bool = True) -> Path:
     if not path.is_file():
-        raise DataError(f"{path}: no such file (set TRIMSERVE_DATA_DIR to the data directory)")
+        hint = " (set TRIMSERVE_DATA_DIR to the data directory)" if named else ""
+        raise DataError(f"{path}: no such file{hint}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     return path
@@ -66,9 +67,9 @@ def wikitext2_text(split: str = "test", root: Path | None = None) -> str:
     return "\n\n".join(wikitext2_rows(split, root))
 
 
-def jsonl_texts(path: Path, field: str = "text") -> list[str]:
+def jsonl_texts(path: Path, field: str = "text", named: bool = False) -> list[str]:
     texts = []
-    with open(_require_file(path), encoding="utf-8") as f:
+    with open(_require_file(path, named), encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -111,7 +112,7 @@ def load_texts(source: str, root: Path | None = None) -> list[str]:
     if source == "wikitext2-valid":
         return [wikitext2_text("valid", root)]
     if source == "c4":
-        return jsonl_texts(root / "c4" / "c4_sample.jsonl")
+        return jsonl_texts(root / "c4" / "c4_sample.jsonl", named=True)
     if source.startswith("pubmedqa-"):
         return pubmedqa_contexts(source.removeprefix("pubmedqa-"), root)
     path_part, _, field = source.partition(":") if ".jsonl:" in source else (source, "", "")
@@ -119,7 +120,7 @@ def load_texts(source: str, root: Path | None = None) -> list[str]:
     if path.suffix == ".jsonl":
         return jsonl_texts(path, field or "text")
     if path.suffix == ".txt":
-        text = _require_file(path).read_text(encoding="utf-8")
+        text = _require_file(path, named=False).read_text(encoding="utf-8")
         if not text.strip():
             raise DataError(f"{path}: file holds only whitespace")
         return [text]

@@ -104,6 +104,14 @@ def mc_accuracy(
     return {"acc": correct / n, "acc_norm": correct_norm / n}
 
 
+EvalData = tuple[dict[str, list[str]], dict[str, list[MCQuestion]]]
+
+
+def load_eval_data(ppl: list[str] = (), mc: list[str] = (), mc_limit: int | None = None) -> EvalData:
+    """Read every requested source and set up front, so bad input fails before any model work."""
+    return {s: load_texts(s) for s in ppl}, {name: load_mc(name, limit=mc_limit) for name in mc}
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -112,14 +120,20 @@ def evaluate(
     seqlen: int = 2048,
     max_windows: int | None = None,
     mc_limit: int | None = None,
+    data: EvalData | None = None,
 ) -> dict[str, float]:
-    """Run the requested metrics; keys name them (`ppl_wikitext2`, `mc_pubmedqa_acc`, ...)."""
+    """Run the requested metrics; keys name them (`ppl_wikitext2`, `mc_pubmedqa_acc`, ...).
+
+    `data` is what `load_eval_data(ppl, mc, mc_limit)` returned, when the caller loaded it already.
+    """
+    texts, questions = data or load_eval_data(ppl, mc, mc_limit)
     results: dict[str, float] = {}
-    for source in ppl:
-        results[f"ppl_{metric_name(source)}"] = source_perplexity(model, tokenizer, source, seqlen, max_windows)
-    for name in mc:
-        scores = mc_accuracy(model, tokenizer, load_mc(name, limit=mc_limit), desc=f"mc {name}")
-        for key, value in scores.items():
+    for source, docs in texts.items():
+        results[f"ppl_{metric_name(source)}"] = perplexity(
+            model, tokenizer, docs, seqlen, max_windows, desc=f"ppl {source}"
+        )
+    for name, qs in questions.items():
+        for key, value in mc_accuracy(model, tokenizer, qs, desc=f"mc {name}").items():
             results[f"mc_{metric_name(name)}_{key}"] = value
     return results
 

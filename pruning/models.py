@@ -65,6 +65,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRIMSERVE_CACHE", Path.home() / ".cache" / "trimserve")).expanduser()
 
 
+def variants_dir() -> Path:
+    """Where built-in variants live: `$TRIMSERVE_CACHE/variants`."""
+    return cache_dir() / "variants"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]

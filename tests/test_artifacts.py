@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pruning.artifacts import (
+    MANIFEST,
+    BaseModelRef,
+    CalibrationRef,
+    VariantError,
+    VariantManifest,
+    check_output_dir,
+    read_manifest,
+    save_variant,
+    verify_variant,
+    weight_stats,
+)
+from pruning.models import load_model
+from tests.tiny_models import tiny_llama
+
+
+def manifest(**changes) -> VariantManifest:
+    fields = dict(
+        name="tiny-half",
+        base=BaseModelRef(source="tiny", sha256="0" * 64),
+        method="magnitude",
+        settings={"sparsity": 0.5},
+        calibration=CalibrationRef(source="c4", nsamples=2, seqlen=16, seed=0),
+    )
+    return VariantManifest(**(fields | changes))
+
+
+@pytest.fixture
+def variant(tmp_path, tokenizer):
+    model = tiny_llama(layers=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0  # half of layer 0's up_proj
+    out = tmp_path / "variant"
+    save_variant(model, tokenizer, out, manifest(eval={"ppl_wikitext2": 99.0}))
+    return model, out
+
+
+def test_variant_directory_is_a_standard_checkpoint(variant):
+    model, out = variant
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", MANIFEST} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # never pickle
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_manifest_records_counts_sparsity_and_hashes(variant):
+    model, out = variant
+    m = read_manifest(out)
+    assert m.name == "tiny-half" and m.method == "magnitude" and m.settings == {"sparsity": 0.5}
+    assert m.calibration.nsamples == 2 and m.eval == {"ppl_wikitext2": 99.0}
+    assert {"torch", "transformers", "python"} <= set(m.versions)
+    up = model.model.layers[0].mlp.up_proj.weight
+    total = sum(p.numel() for p in model.parameters())
+    assert m.params.total == total
+    assert m.params.nonzero == sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    assert m.params.nonzero <= total - up.numel() // 2
+    layer0 = sum(p.numel() for n, p in model.model.layers[0].named_parameters() if p.dim() == 2)
+    assert m.layer_sparsity["layers.0"] == pytest.approx(up.numel() / 2 / layer0)
+    assert m.layer_sparsity["layers.1"] == 0
+    assert set(m.files) == {"model.safetensors"} and len(m.files["model.safetensors"]) == 64
+    assert m.num_layers == 2
+
+
+def test_tampered_or_truncated_weights_are_refused(variant):
+    _, out = variant
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VariantError, match="does not match its sha256"):
+        load_model(out)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(VariantError, match="tampered or truncated"):
+        verify_variant(out)
+    weights.unlink()
+    with pytest.raises(VariantError, match="missing"):
+        verify_variant(out)
+
+
+def test_unlisted_weight_file_is_refused(variant):
+    _, out = variant
+    (out / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(VariantError, match="not in the manifest"):
+        verify_variant(out)
+
+
+def test_invalid_manifest_is_refused(variant):
+    _, out = variant
+    (out / MANIFEST).write_text(json.dumps({"name": "x"}))
+    with pytest.raises(VariantError, match="invalid manifest"):
+        read_manifest(out)
+
+
+def test_check_output_dir(variant, tmp_path):
+    _, out = variant
+    assert check_output_dir(out, manifest()) is True  # same recipe: reuse
+    with pytest.raises(VariantError, match="different variant"):
+        check_output_dir(out, manifest(settings={"sparsity": 0.7}))
+    assert check_output_dir(tmp_path / "new", manifest()) is False
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(VariantError, match="not a trimserve variant"):
+        check_output_dir(other, manifest())
+
+
+def test_weight_stats_count_tied_embeddings_once():
+    model = tiny_llama(layers=1)
+    params, sparsity = weight_stats(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert params.total == sum(p.numel() for p in model.parameters())  # parameters() dedups too
+    assert params.nonzero == sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    assert sparsity == {"layers.0": 0.0}

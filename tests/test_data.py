@@ -1,0 +1,123 @@
+import json
+import random
+
+import pytest
+
+from pruning.data import (
+    DataError,
+    calibration_windows,
+    data_dir,
+    eval_windows,
+    jsonl_texts,
+    load_mc,
+    load_texts,
+    wikitext2_rows,
+    wikitext2_text,
+)
+
+
+def test_wikitext2_matches_published_layout():
+    rows = wikitext2_rows("test")
+    assert len(rows) == 4358  # rows of the hub's wikitext-2-raw-v1 test split
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+    assert wikitext2_text("test") == "\n\n".join(rows)
+
+
+def test_jsonl_errors_are_clear(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        jsonl_texts(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        jsonl_texts(empty)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(DataError, match="no field 'text'.*body"):
+        jsonl_texts(wrong)
+    assert jsonl_texts(wrong, "body") == ["hello"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(DataError, match="invalid JSON"):
+        jsonl_texts(bad)
+
+
+def test_load_texts_sources(tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("some domain text")
+    assert load_texts(str(txt)) == ["some domain text"]
+    records = tmp_path / "docs.jsonl"
+    records.write_text(json.dumps({"body": "a"}) + "\n" + json.dumps({"body": "b"}) + "\n")
+    assert load_texts(f"{records}:body") == ["a", "b"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n")
+    with pytest.raises(DataError, match="whitespace"):
+        load_texts(str(blank))
+    with pytest.raises(DataError, match="unknown source"):
+        load_texts("no-such-source")
+    assert len(load_texts("c4")) == 1000
+    assert len(load_texts("pubmedqa-test")) == 500 and len(load_texts("pubmedqa-train")) == 500
+
+
+def wanda_reference_sampler(texts, tokenizer, nsamples, seqlen, seed):
+    """The calibration loop of locuslab/wanda lib/data.py, restated."""
+    random.seed(seed)
+    out = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(texts) - 1)
+            ids = tokenizer(texts[i], return_tensors="pt").input_ids
+            if ids.shape[1] > seqlen:
+                break
+        i = random.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[0, i : i + seqlen])
+    return out
+
+
+def test_calibration_windows_match_wanda_sampler(tokenizer):
+    texts = load_texts("c4")[:60]
+    windows = calibration_windows(texts, tokenizer, nsamples=6, seqlen=256, seed=0)
+    reference = wanda_reference_sampler(texts, tokenizer, 6, 256, 0)
+    assert windows.shape == (6, 256)
+    for got, want in zip(windows, reference, strict=True):
+        assert got.tolist() == want.tolist()
+    assert not calibration_windows(texts, tokenizer, 6, 256, seed=1).equal(windows)
+
+
+def test_calibration_falls_back_to_one_stream_and_rejects_short_text(tokenizer):
+    texts = [f"short record number {i}." for i in range(200)]
+    windows = calibration_windows(texts, tokenizer, nsamples=3, seqlen=32, seed=0)
+    assert windows.shape == (3, 32)
+    with pytest.raises(DataError, match="fewer than one window"):
+        calibration_windows(["far too short"], tokenizer, nsamples=1, seqlen=64, seed=0)
+
+
+def test_eval_windows_drop_remainder():
+    import torch
+
+    ids = torch.arange(10)
+    assert eval_windows(ids, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert eval_windows(ids, 3, max_windows=2).shape == (2, 3)
+    with pytest.raises(DataError, match="fewer than one window"):
+        eval_windows(ids, 11)
+
+
+def test_multiple_choice_sets_have_published_sizes():
+    pubmedqa = load_mc("pubmedqa")
+    assert len(pubmedqa) == 500
+    assert [sum(q.answer == k for q in pubmedqa) for k in range(3)] == [276, 169, 55]
+    assert pubmedqa[0].prompt.startswith("Abstract: ") and pubmedqa[0].prompt.endswith("\nAnswer:")
+    assert len(load_mc("medqa")) == 1273
+    assert len(load_mc("medmcqa")) == 4183
+    anatomy = load_mc("mmlu:anatomy")
+    assert len(anatomy) == 135 and anatomy[0].choices == (" A", " B", " C", " D")
+    assert "about anatomy" in anatomy[0].prompt
+    assert len(load_mc("mmlu", limit=7)) == 7
+    with pytest.raises(DataError, match="unknown multiple-choice set"):
+        load_mc("trivia")
+
+
+def test_data_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRIMSERVE_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
+    with pytest.raises(DataError, match="TRIMSERVE_DATA_DIR"):
+        load_texts("c4")
