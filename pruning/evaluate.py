@@ -69,7 +69,9 @@ def option_logprobs(model: PreTrainedModel, prompt_ids: list[int], options: list
     device = _device(model)
     if all(len(o) == 1 for o in options):
         # One forward of the prompt gives every single-token option (lettered answers, yes/no).
-        logits = model(torch.tensor([prompt_ids], device=device), use_cache=False).logits[0, -1].float()
+        # logits_to_keep=1 skips the LM head on every other position (a fifth of the FLOPs here).
+        out = model(torch.tensor([prompt_ids], device=device), use_cache=False, logits_to_keep=1)
+        logits = out.logits[0, -1].float()
         logp = logits.log_softmax(-1)
         return [logp[o[0]].item() for o in options]
     seqs = [prompt_ids + o for o in options]
