@@ -6,9 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from pruning.artifacts import MANIFEST, read_manifest, write_manifest
 from pruning.data import NAMED_SOURCES
+from pruning.depth import cli as depth_cli
 from pruning.evaluate import evaluate, load_eval_data
 from pruning.models import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, fetch_embedded, load_model
+from pruning.sparse import cli as sparse_cli
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--mc", action="append", default=[], metavar="SET", help="pubmedqa|medqa|medmcqa|mmlu[:subj,..]")
     ev.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
     ev.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    ev.add_argument("--mc-limit", type=int, default=None, help="score only the first N questions of each set")
+    ev.add_argument(
+        "--mc-limit",
+        type=int,
+        default=None,
+        help="score only the first N questions of each set (of each subject for MMLU)",
+    )
     ev.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    ev.add_argument("--no-record", action="store_true", help="do not add the results to a variant's trimserve.json")
     add_model_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     prune = sub.add_parser("prune", help="build pruned variants")
-    prune.add_subparsers(dest="prune_command", required=True, metavar="METHOD")
+    prune_sub = prune.add_subparsers(dest="prune_command", required=True, metavar="METHOD")
+    depth_cli.register(prune_sub, add_model_options)
+    sparse_cli.register(prune_sub)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -61,6 +72,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    variant = Path(args.model)
+    if not args.no_record and (variant / MANIFEST).is_file():
+        # Scores live with the variant, so the server's /v1/variants/{name} and the report show them.
+        manifest = read_manifest(variant)
+        manifest.eval.update(results)
+        manifest.stats["eval_protocol"] = {"seqlen": args.seqlen, "max_windows": args.max_windows}
+        write_manifest(variant, manifest)
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pruning.artifacts import MANIFEST, verify_variant
+from pruning.depth.noop import has_noop_layers, load_noop_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,10 @@ def load_model(
             model, tokenizer = load_gguf(Path(source), torch_dtype)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            if has_noop_layers(source):  # a depth variant with FFN replacement blocks
+                model = load_noop_checkpoint(source, torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as err:  # hub unreachable, repo missing, ...
         raise ModelLoadError(f"could not load {spec!r}: {err}") from err
     model.to(target).eval()

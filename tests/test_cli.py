@@ -65,3 +65,16 @@ def test_console_script_evaluates_the_default_model(tmp_path, default_model_dir)
     assert set(results) == {"ppl_wikitext2", "mc_pubmedqa_acc", "mc_pubmedqa_acc_norm"}
     assert 5 < results["ppl_wikitext2"] < 200
     assert "ppl_wikitext2" in proc.stdout
+
+
+def test_eval_records_scores_in_the_variant_manifest(tiny_dir, tmp_path):
+    from pruning.artifacts import read_manifest, verify_variant
+
+    text = tmp_path / "notes.txt"
+    text.write_text("Discharge summary: the patient recovered well after surgery. " * 40)
+    assert main(["eval", str(tiny_dir), "--ppl", str(text), "--seqlen", "32", "--max-windows", "2"]) == 0
+    manifest = verify_variant(tiny_dir)  # weights untouched, hashes still valid
+    assert set(manifest.eval) == {"ppl_notes"}
+    assert manifest.stats["eval_protocol"] == {"seqlen": 32, "max_windows": 2}
+    assert main(["eval", str(tiny_dir), "--ppl", str(text), "--seqlen", "32", "--no-record"]) == 0
+    assert read_manifest(tiny_dir).stats["eval_protocol"]["max_windows"] == 2

@@ -16,11 +16,15 @@ USER_ERRORS = (DataError, ModelLoadError, VariantError, ValueError, FileNotFound
 
 def build_parser() -> argparse.ArgumentParser:
     from pruning import cli as pruning_cli
+    from service import cli as service_cli
+    from trimserve import report
 
     parser = argparse.ArgumentParser(prog="trimserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pruning_cli.register(sub)
+    service_cli.register(sub)
+    report.register(sub)
     return parser
 
 

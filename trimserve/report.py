@@ -6,6 +6,7 @@ speed with the Pareto front marked, and the latency distributions of every varia
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ MEMORY_FAMILIES = {
     "trimserve_model_load_rss_bytes": "load_rss_bytes",
     "trimserve_cuda_memory_peak_bytes": "cuda_peak_bytes",
 }
+MEMORY_COLUMNS = {"weight_bytes": "weights MB", "load_rss_bytes": "load RSS MB", "cuda_peak_bytes": "CUDA peak MB"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,17 @@ def load_bench(path: Path) -> dict[str, Any]:
     return bench
 
 
+def merge_benches(benches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One bench per variant (each measured alone) -> one bench holding all their variants."""
+    merged = {**benches[0], "variants": {}}
+    for bench in benches:
+        repeated = set(bench["variants"]) & set(merged["variants"])
+        if repeated:
+            raise ValueError(f"variants measured by more than one bench file: {sorted(repeated)}")
+        merged["variants"].update(bench["variants"])
+    return merged
+
+
 def checkpoint_quality(directory: Path) -> VariantQuality:
     """A variant's manifest, or for a plain checkpoint its layer count and parameter total."""
     if (directory / MANIFEST).is_file():
@@ -76,7 +89,7 @@ def checkpoint_quality(directory: Path) -> VariantQuality:
     for path in weight_files(directory):
         with safe_open(path, framework="pt") as f:
             total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
-    return VariantQuality("full", config.get("num_hidden_layers"), total or None, None, {})
+    return VariantQuality("dense", config.get("num_hidden_layers"), total or None, None, {})
 
 
 def discover(name: str, baseline: str) -> Path | None:
@@ -89,11 +102,14 @@ def discover(name: str, baseline: str) -> Path | None:
 
 def read_memory(source: str) -> dict[str, dict[str, float]]:
     """Per-variant memory gauges from a /metrics URL or a saved scrape: {variant: {key: bytes}}."""
-    if source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=10) as response:
-            text = response.read().decode()
-    else:
-        text = Path(source).read_text()
+    try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=10) as response:
+                text = response.read().decode()
+        else:
+            text = Path(source).read_text()
+    except OSError as err:  # URLError and HTTPError (e.g. 401 with --api-key) are OSErrors
+        raise ValueError(f"cannot read metrics from {source}: {err}") from err
     memory: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         key = MEMORY_FAMILIES.get(family.name)
@@ -172,16 +188,15 @@ def markdown_table(rows: list[Row], baseline: str) -> str:
     for metric in metrics:
         header += [metric, "/full"]
     header += ["TTFT p50 ms", "TPOT p50 ms", "/full", "e2e p90 ms", "out tok/s", "/full", "errors"]
-    has_memory = any(r.memory.get("weight_bytes") for r in rows)
-    if has_memory:
-        header += ["weights MB", "/full"]
+    memory_keys = [key for key in MEMORY_FAMILIES.values() if any(r.memory.get(key) for r in rows)]
+    for key in memory_keys:
+        header += [MEMORY_COLUMNS[key], "/full"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         q, s = r.quality, r.speed
         params = q.params_nonzero if q.params_nonzero is not None else q.params_total
         base_params = base.quality.params_nonzero or base.quality.params_total
-        cells = [r.name, q.method or "–", _cell(q.num_layers, "d"), _cell(params and params / 1e6, ".1f") + "M"]
-        cells[-1] = "–" if params is None else cells[-1]
+        cells = [r.name, q.method or "–", _cell(q.num_layers, "d"), "–" if params is None else f"{params / 1e6:.1f}M"]
         cells.append(_cell(ratio(params, base_params), ".2f"))
         for metric in metrics:
             cells += [
@@ -198,12 +213,9 @@ def markdown_table(rows: list[Row], baseline: str) -> str:
             _cell(ratio(s["output_tokens_per_s"], base.speed["output_tokens_per_s"]), ".2f"),
             f"{s['errors']}/{s['requests']}",
         ]
-        if has_memory:
-            weights = r.memory.get("weight_bytes")
-            cells += [
-                _cell(weights and weights / 1e6, ".0f"),
-                _cell(ratio(weights, base.memory.get("weight_bytes")), ".2f"),
-            ]
+        for key in memory_keys:
+            value = r.memory.get(key)
+            cells += [_cell(value and value / 1e6, ".0f"), _cell(ratio(value, base.memory.get(key)), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"Ratios (/full) divide each variant's figure by `{baseline}`'s: below 1 is smaller, faster or lower."
     return "\n".join(lines) + "\n\n" + note + "\n"
@@ -216,7 +228,8 @@ def write_report(rows: list[Row], bench: dict[str, Any], baseline: str, quality:
     out.mkdir(parents=True, exist_ok=True)
     metric = quality or next((m for m in ("ppl_wikitext2",) if any(m in r.quality.eval for r in rows)), None)
     metric = metric or next(iter(sorted({k for r in rows for k in r.quality.eval})), None)
-    settings = ", ".join(f"{k}={v}" for k, v in bench.get("settings", {}).items())
+    shown = {k: v for k, v in bench.get("settings", {}).items() if k not in ("url", "models") and v is not None}
+    settings = ", ".join(f"{k}={v}" for k, v in shown.items())
     parts = [
         f"# A/B report: {', '.join(r.name for r in rows)}",
         "",
@@ -238,3 +251,54 @@ def write_report(rows: list[Row], bench: dict[str, Any], baseline: str, quality:
     path = out / "report.md"
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{flag} expects NAME=PATH, got {item!r}")
+        pairs[name] = value
+    return pairs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report",
+        help="combine variant manifests and a bench run into a markdown table and charts",
+        description="Variants not given with --variant are looked up by their bench name in the variants "
+        f"directory ($TRIMSERVE_CACHE/variants); the baseline falls back to the cached {DEFAULT_MODEL}.",
+    )
+    report.add_argument(
+        "--bench",
+        type=Path,
+        action="append",
+        required=True,
+        help="a `trimserve bench --json` file (repeat to combine per-variant runs)",
+    )
+    report.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="a variant's checkpoint")
+    report.add_argument("--eval", action="append", default=[], metavar="NAME=JSON", help="`trimserve eval --json` file")
+    report.add_argument("--metrics", default=None, metavar="URL|FILE", help="the server's /metrics, for memory")
+    report.add_argument("--baseline", default="full", help="the variant ratios are taken against (default full)")
+    report.add_argument("--quality", default=None, help="Pareto chart's quality metric (default ppl_wikitext2)")
+    report.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    bench = merge_benches([load_bench(path) for path in args.bench])
+    dirs = {name: Path(d).expanduser() for name, d in _pairs(args.variant, "--variant").items()}
+    for name, directory in dirs.items():
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"--variant {name}: {directory} is not a model checkpoint (no config.json)")
+    evals = {}
+    for name, file in _pairs(args.eval, "--eval").items():
+        scores = json.loads(Path(file).read_text())
+        evals[name] = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
+    memory = read_memory(args.metrics) if args.metrics else {}
+    rows = build_rows(bench, dirs, evals, memory, args.baseline)
+    path = write_report(rows, bench, args.baseline, args.quality, args.out)
+    print(markdown_table(rows, args.baseline))
+    print(f"report: {path}")
+    return 0

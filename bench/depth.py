@@ -1,0 +1,411 @@
+"""Depth-pruning benchmark on the default model: quality of each method at k removed layers, and speed.
+
+Stages (run any subset; every finished row is cached as JSON under --out/rows and skipped next
+time unless --force):
+  criteria    full model, then ShortGPT, angular distance, Streamline without replacement and SLEB
+              (unhealed) at each depth: WikiText-2 perplexity on the first --windows windows
+  streamline  Streamline with a trained replacement (layer and/or ffn)
+  trimllm     TrimLLM on PubMedQA train contexts to the target depth; domain perplexity on the
+              PubMedQA test contexts for it and for the full model (unfinetuned)
+  fullft      the full model with the same sparse-update fine-tuning (same steps, no drops)
+  speed       greedy decode tokens/s (batch 1) and prefill time of every saved variant vs the full
+              model, measured in one process, interleaved
+  fulltest    full WikiText-2 test-set perplexity of the best variant at each depth
+
+Example: flock /tmp/trimserve-heavy.lock .venv/bin/python bench/depth.py --stages criteria --depths 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pruning.artifacts import BaseModelRef, CalibrationRef, VariantManifest, save_variant
+from pruning.blocks import decoder_layers, final_norm
+from pruning.data import calibration_windows, eval_windows, load_texts, tokenize_joined
+from pruning.depth.criteria import block_influence
+from pruning.depth.pipeline import Calibration, DepthSettings, prune_depth
+from pruning.depth.states import depth_states
+from pruning.depth.streamline import StreamlineConfig
+from pruning.depth.train import adamw, freeze_all_but
+from pruning.depth.trimllm import TrimLLMConfig, fine_tune, most_important, split_domain
+from pruning.evaluate import window_nll
+from pruning.models import DEFAULT_MODEL, load_model
+from service.engine.llama import LlamaRunner
+
+log = logging.getLogger("bench.depth")
+STAGES = ("criteria", "streamline", "trimllm", "fullft", "speed", "fulltest")
+UNHEALED = ("shortgpt", "angular", "streamline-none", "sleb")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out
+        (self.out / "rows").mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer = load_model(args.model, "fp32", "cpu")
+        self.num_layers = len(decoder_layers(self.model))
+        self._wiki: torch.Tensor | None = None
+        self._calib: Calibration | None = None
+
+    # ------------------------------------------------------------ rows
+
+    def row_path(self, key: str) -> Path:
+        return self.out / "rows" / f"{key}.json"
+
+    def done(self, key: str) -> bool:
+        return self.row_path(key).is_file() and not self.args.force
+
+    def save_row(self, key: str, row: dict) -> None:
+        self.row_path(key).write_text(json.dumps(row, indent=2) + "\n")
+        log.info("row %s: %s", key, {k: v for k, v in row.items() if not isinstance(v, list | dict)})
+
+    def rows(self) -> dict[str, dict]:
+        return {p.stem: json.loads(p.read_text()) for p in sorted((self.out / "rows").glob("*.json"))}
+
+    # ------------------------------------------------------------ measurements
+
+    def wiki_ppl(self, model, max_windows: int | None) -> tuple[float, float]:
+        if self._wiki is None:
+            self._wiki = tokenize_joined(load_texts("wikitext2"), self.tokenizer)
+        began = time.perf_counter()
+        nll = window_nll(model, eval_windows(self._wiki, self.args.seqlen, max_windows), desc="wikitext2")
+        return math.exp(nll), time.perf_counter() - began
+
+    def domain_ppl(self, model) -> float:
+        stream = tokenize_joined(load_texts("pubmedqa-test"), self.tokenizer)
+        windows = eval_windows(stream, self.args.domain_seqlen, self.args.domain_windows)
+        return math.exp(window_nll(model, windows, desc="pubmedqa-test"))
+
+    def calibration(self) -> Calibration:
+        if self._calib is None:
+            a = self.args
+            windows = calibration_windows(load_texts("c4"), self.tokenizer, a.nsamples, a.calib_seqlen, 0)
+            began = time.perf_counter()
+            states, kwargs = depth_states(self.model, windows)
+            log.info("calibration states: %.0f s", time.perf_counter() - began)
+            self._calib = Calibration(windows, states, kwargs)
+        return self._calib
+
+    def variant(self, key: str, settings: DepthSettings, calibration: Calibration | None) -> tuple[dict, object]:
+        """Prune a copy of the full model, save it, score it; returns the row and the model."""
+        model = copy.deepcopy(self.model)
+        outcome = prune_depth(model, self.tokenizer, settings, calibration)
+        manifest = VariantManifest(
+            name=key,
+            base=BaseModelRef(source=self.args.model),
+            method=f"depth/{settings.method}",
+            settings=settings.as_dict(),
+            calibration=None
+            if settings.method == "trimllm"
+            else CalibrationRef(
+                source=settings.calib, nsamples=settings.nsamples, seqlen=settings.seqlen, seed=settings.seed
+            ),
+            stats={"removed": outcome.removed, **outcome.stats},
+            notes=outcome.notes,
+        )
+        ppl, eval_s = self.wiki_ppl(model, self.args.windows)
+        manifest.eval = {f"ppl_wikitext2_first{self.args.windows}": ppl}
+        save_variant(model, self.tokenizer, self.out / "variants" / key, manifest)
+        row = {
+            "variant": key,
+            "method": settings.method,
+            "k": settings.remove,
+            "layers": model.config.num_hidden_layers,
+            "removed": outcome.removed,
+            "ppl_wikitext2": ppl,
+            "windows": self.args.windows,
+            "build_s": round(outcome.seconds, 1),
+            "eval_s": round(eval_s, 1),
+            **{k: v for k, v in outcome.stats.items() if k in ("train_seconds", "mse_before", "mse_fit", "mse_after")},
+        }
+        return row, model
+
+    # ------------------------------------------------------------ stages
+
+    def stage_criteria(self) -> None:
+        if not self.done("full"):
+            ppl, eval_s = self.wiki_ppl(self.model, self.args.windows)
+            row = {"variant": "full", "method": "none", "k": 0, "layers": self.num_layers}
+            self.save_row(
+                "full", {**row, "ppl_wikitext2": ppl, "windows": self.args.windows, "eval_s": round(eval_s, 1)}
+            )
+        for k in self.args.depths:
+            for name in self.args.methods:
+                key = f"{name}-k{k}"
+                if name not in UNHEALED or self.done(key):
+                    continue
+                if name == "sleb":
+                    settings = DepthSettings("sleb", k, nsamples=self.args.sleb_nsamples, seqlen=self.args.sleb_seqlen)
+                    self.save_row(key, self.variant(key, settings, None)[0])
+                    continue
+                method, _, replacement = name.partition("-")
+                sl = StreamlineConfig(remove=k, replacement=replacement) if method == "streamline" else None
+                settings = DepthSettings(
+                    method, k, nsamples=self.args.nsamples, seqlen=self.args.calib_seqlen, streamline=sl
+                )
+                self.save_row(key, self.variant(key, settings, self.calibration())[0])
+
+    def stage_streamline(self) -> None:
+        for k in self.args.depths:
+            for replacement in self.args.replacements:
+                loss = "" if self.args.loss == "mse" else f"-{self.args.loss.replace('+', '')}"
+                key = f"streamline-{replacement}-healed{loss}-k{k}"
+                if self.done(key):
+                    continue
+                sl = StreamlineConfig(
+                    remove=k,
+                    replacement=replacement,
+                    loss=self.args.loss,
+                    epochs=self.args.epochs,
+                    lm_epochs=self.args.lm_epochs,
+                    **({"lr": self.args.lr, "lr_min": min(5e-5, self.args.lr)} if self.args.lr else {}),
+                )
+                settings = DepthSettings(
+                    "streamline", k, nsamples=self.args.nsamples, seqlen=self.args.calib_seqlen, streamline=sl
+                )
+                self.save_row(key, self.variant(key, settings, self.calibration())[0])
+
+    def trimllm_config(self, k: int) -> TrimLLMConfig:
+        a = self.args
+        return TrimLLMConfig(
+            remove=k,
+            steps_per_round=a.steps_per_round,
+            final_steps=a.final_steps,
+            seqlen=a.domain_seqlen,
+            heldout_windows=a.heldout_windows,
+            lr=a.trim_lr,
+        )
+
+    def stage_trimllm(self) -> None:
+        if not self.done("domain-full"):
+            self.save_row(
+                "domain-full", {"variant": "full (no fine-tuning)", "domain_ppl": self.domain_ppl(self.model)}
+            )
+        for k in self.args.trim_depths:
+            key = f"trimllm-k{k}"
+            if self.done(key):
+                continue
+            settings = DepthSettings(
+                "trimllm",
+                k,
+                domain="pubmedqa-train",
+                seqlen=self.args.domain_seqlen,
+                trimllm=self.trimllm_config(k),
+                track_windows=self.args.track_windows,
+            )
+            row, model = self.variant(key, settings, None)
+            row["domain_ppl"] = self.domain_ppl(model)
+            manifest = json.loads((self.out / "variants" / key / "trimserve.json").read_text())
+            row["trajectory"] = manifest["stats"]["trajectory"]
+            self.save_row(key, row)
+
+    def stage_fullft(self) -> None:
+        """The full model fine-tuned exactly like TrimLLM's rounds (same trainable set and steps)."""
+        for k in self.args.trim_depths:
+            key = f"domain-full-ft-k{k}"
+            if self.done(key):
+                continue
+            config = self.trimllm_config(k)
+            model = copy.deepcopy(self.model)
+            stream = tokenize_joined(load_texts("pubmedqa-train"), self.tokenizer)
+            train, heldout = split_domain(stream, config)
+            states, _ = depth_states(model, heldout)
+            trainable = most_important(block_influence(states), config)
+            del states
+            layers = list(decoder_layers(model))
+            freeze_all_but(model, [layers[i] for i in trainable] + [final_norm(model), model.get_output_embeddings()])
+            opt = adamw(model.parameters(), config.lr, config.weight_decay)
+            torch.manual_seed(config.seed)
+            gen = torch.Generator().manual_seed(config.seed)
+            steps = config.steps_per_round * k + config.final_steps
+            began = time.perf_counter()
+            fine_tune(model, opt, train, steps, config, gen, "full ft")
+            self.save_row(
+                key,
+                {
+                    "variant": f"full + same fine-tuning ({steps} steps)",
+                    "steps": steps,
+                    "train_s": round(time.perf_counter() - began, 1),
+                    "domain_ppl": self.domain_ppl(model),
+                },
+            )
+
+    def stage_speed(self) -> None:
+        """Batch-1 greedy decode and prefill, through the Hugging Face forward and the server's
+        compact Llama forward, for the full model and every saved variant, interleaved."""
+        dirs = sorted(p for p in (self.out / "variants").glob("*") if (p / "trimserve.json").is_file())
+        models = {"full": self.model} | {p.name: load_model(p)[0] for p in dirs}
+        torch.manual_seed(0)
+        prompt = torch.randint(3, 40000, (1, self.args.prompt_len))
+        for model in models.values():  # warm-up: first calls allocate and pick kernels
+            for forward in ("hf", "compact"):
+                measure_speed(model, prompt, 2, forward)
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for _ in range(self.args.repeats):
+            for name, model in models.items():
+                for forward in ("hf", "compact"):
+                    times.setdefault((name, forward), []).append(
+                        measure_speed(model, prompt, self.args.new_tokens, forward)
+                    )
+        full_params = layer_params(self.model)
+        head = self.model.get_output_embeddings().weight.numel()
+        for name, model in models.items():
+            ideal = (full_params + head) / (layer_params(model) + head)
+            row = {"variant": name, "layers": model.config.num_hidden_layers, "ideal": ideal}
+            for forward in ("hf", "compact"):
+                tps = statistics.median(d for _, d in times[(name, forward)])
+                base = statistics.median(d for _, d in times[("full", forward)])
+                row[forward] = {
+                    "decode_tok_s": tps,
+                    "prefill_s": statistics.median(p for p, _ in times[(name, forward)]),
+                    "speedup": tps / base,
+                    "of_ideal": tps / base / ideal,
+                }
+            row |= {"prompt_len": self.args.prompt_len, "new_tokens": self.args.new_tokens}
+            row |= {"repeats": self.args.repeats, "threads": torch.get_num_threads()}
+            self.save_row(f"speed-{name}", row)
+
+    def stage_fulltest(self) -> None:
+        rows = self.rows()
+        for k in self.args.depths:
+            scored = [r for r in rows.values() if r.get("k") == k and "ppl_wikitext2" in r]
+            if not scored:
+                continue
+            best = min(scored, key=lambda r: r["ppl_wikitext2"])
+            key = f"fulltest-{best['variant']}"
+            if self.done(key):
+                continue
+            model, _ = load_model(self.out / "variants" / best["variant"])
+            ppl, eval_s = self.wiki_ppl(model, None)
+            self.save_row(
+                key, {"variant": best["variant"], "k": k, "ppl_wikitext2_full_test": ppl, "eval_s": round(eval_s, 1)}
+            )
+
+
+def layer_params(model) -> int:
+    return sum(p.numel() for p in decoder_layers(model).parameters())
+
+
+@torch.inference_mode()
+def measure_speed(model, prompt: torch.Tensor, new_tokens: int, forward: str) -> tuple[float, float]:
+    """(prefill seconds, greedy decode tokens/s) at batch 1.
+
+    forward "hf": the model's own forward with a DynamicCache; "compact": the serving engine's
+    Llama runner (preallocated cache, no-op attention layers skipped).
+    """
+    if forward == "compact":
+        runner = LlamaRunner(model, max_slots=1, max_seq=prompt.shape[1] + new_tokens + 1)
+        began = time.perf_counter()
+        logits = runner.prefill(0, prompt[0].tolist())
+        prefill = time.perf_counter() - began
+        token = logits.argmax().view(1)
+        began = time.perf_counter()
+        for i in range(new_tokens):
+            token = runner.decode(token, torch.tensor([prompt.shape[1] + i])).argmax(-1)
+        return prefill, new_tokens / (time.perf_counter() - began)
+    cache = DynamicCache(config=model.config)
+    began = time.perf_counter()
+    out = model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - began
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    began = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, cache=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return prefill, new_tokens / (time.perf_counter() - began)
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| variant | layers | WikiText-2 ppl | windows | build s | domain ppl |", "|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        if "ppl_wikitext2" in r or "domain_ppl" in r:
+            ppl = f"{r['ppl_wikitext2']:.2f}" if "ppl_wikitext2" in r else ""
+            dom = f"{r['domain_ppl']:.2f}" if "domain_ppl" in r else ""
+            lines.append(
+                f"| {key} | {r.get('layers', '')} | {ppl} | {r.get('windows', '')} | {r.get('build_s', '')} | {dom} |"
+            )
+    speed = [r for k, r in rows.items() if k.startswith("speed-")]
+    if speed:
+        lines += [
+            "",
+            "| variant | layers | ideal | HF tok/s | HF prefill s | HF speedup | of ideal "
+            "| compact tok/s | compact prefill s | compact speedup | of ideal |",
+            "|---" * 11 + "|",
+        ]
+        for r in speed:
+            cells = [r["variant"], str(r["layers"]), f"{r['ideal']:.2f}x"]
+            for fwd in ("hf", "compact"):
+                m = r[fwd]
+                cells += [
+                    f"{m['decode_tok_s']:.1f}",
+                    f"{m['prefill_s']:.3f}",
+                    f"{m['speedup']:.2f}x",
+                    f"{m['of_ideal']:.0%}",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+    full = [r for k, r in rows.items() if k.startswith("fulltest-")]
+    lines += [f"full test set: {r['variant']}: {r['ppl_wikitext2_full_test']:.2f}" for r in full]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--stages", default="criteria", help=f"comma list of {STAGES}")
+    p.add_argument("--depths", type=int, nargs="+", default=[8])
+    p.add_argument("--methods", nargs="+", default=list(UNHEALED), choices=UNHEALED)
+    p.add_argument("--replacements", nargs="+", default=["layer"], choices=["layer", "ffn"])
+    p.add_argument("--windows", type=int, default=16, help="WikiText-2 windows scored (first N)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--nsamples", type=int, default=32, help="c4 calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--sleb-nsamples", type=int, default=4)
+    p.add_argument("--sleb-seqlen", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=1, help="Streamline training epochs (MSE)")
+    p.add_argument("--loss", default="mse", choices=["mse", "lm", "mse+lm"], help="Streamline training loss")
+    p.add_argument("--lm-epochs", type=int, default=1, help="Streamline LM-loss epochs after the MSE fit")
+    p.add_argument("--lr", type=float, default=None, help="Streamline peak lr (default 2e-4)")
+    p.add_argument("--trim-depths", type=int, nargs="+", default=[15])
+    p.add_argument("--steps-per-round", type=int, default=10)
+    p.add_argument("--final-steps", type=int, default=0)
+    p.add_argument("--heldout-windows", type=int, default=2)
+    p.add_argument("--trim-lr", type=float, default=1e-4)
+    p.add_argument("--track-windows", type=int, default=2, help="TrimLLM: WikiText-2 windows tracked per drop")
+    p.add_argument("--domain-seqlen", type=int, default=512)
+    p.add_argument("--domain-windows", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench/out/depth"))
+    p.add_argument("--force", action="store_true", help="recompute cached rows")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stages = [s for s in args.stages.split(",") if s]
+    if unknown := set(stages) - set(STAGES):
+        p.error(f"unknown stages {sorted(unknown)}")
+    bench = Bench(args)
+    for stage in stages:
+        began = time.perf_counter()
+        getattr(bench, f"stage_{stage}")()
+        log.info("stage %s: %.0f s", stage, time.perf_counter() - began)
+    rows = bench.rows()
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

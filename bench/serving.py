@@ -1,0 +1,312 @@
+"""Serving benchmark: the standard workloads against `trimserve serve`, plus baselines and a soak.
+
+For each dtype: (1) the memory-bandwidth floor (weight bytes / measured read bandwidth), (2) plain
+`model.generate` at batch 1 on the same prompts, model and dtype, (3) `trimserve serve` under
+workload (a) concurrency 1, 16 requests and (b) concurrency 8, 32 requests, ~128-token prompts,
+64 greedy tokens with EOS ignored. For the first dtype also (4) a soak: 64 concurrent clients for
+2 minutes plus bursts of malformed requests, checking for zero 5xx, every answer matching its own
+prompt, and the server still ready afterwards.
+
+    flock /tmp/trimserve-heavy.lock .venv/bin/python bench/serving.py --out bench/out/serving
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import torch
+
+from pruning.models import load_model
+from service.loadgen import LoadConfig, RequestResult, make_prompt, markdown, run_bench
+
+log = logging.getLogger("bench.serving")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def read_bandwidth_gbps(mb: int = 1024, repeats: int = 5) -> float:
+    """Streaming read bandwidth: sum over a buffer far larger than the caches, best of `repeats`."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def generate_baseline(model_name: str, dtype: str, prompts: list[str], output_tokens: int) -> dict:
+    """Plain `model.generate` at batch 1: TPOT = (t(n tokens) - t(1 token)) / (n - 1), median over prompts."""
+    model, tokenizer = load_model(model_name, dtype=dtype, device="cpu")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tpots, ttfts = [], []
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            ids = tokenizer(prompt, return_tensors="pt")
+            timings = {}
+            for n in (1, output_tokens):
+                start = time.perf_counter()
+                out = model.generate(
+                    **ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id
+                )
+                timings[n] = time.perf_counter() - start
+                assert out.shape[1] == ids["input_ids"].shape[1] + n
+            if i == 0:
+                continue  # warm-up
+            ttfts.append(timings[1])
+            tpots.append((timings[output_tokens] - timings[1]) / (output_tokens - 1))
+    del model
+    gc.collect()
+    tpots.sort()
+    ttfts.sort()
+    return {
+        "tpot_s_p50": tpots[len(tpots) // 2],
+        "ttft_s_p50": ttfts[len(ttfts) // 2],
+        "tokens_per_s": 1 / tpots[len(tpots) // 2],
+        "prompts": len(tpots),
+        "weight_bytes": weight_bytes,
+    }
+
+
+class Server:
+    """`trimserve serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, dtype: str, log_path: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "trimserve.cli", "serve", "--model", "full=smollm2-135m", "--dtype", dtype]
+        cmd += ["--port", str(self.port)]
+        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server not ready after 300 s")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self.log.close()
+        return code
+
+
+MALFORMED: list[tuple[str, dict]] = [
+    ("invalid JSON", {"content": b'{"model": "full", "prompt": ', "headers": {"content-type": "application/json"}}),
+    ("not an object", {"json": ["full", "hello"]}),
+    ("missing prompt", {"json": {"model": "full"}}),
+    ("wrong type", {"json": {"model": "full", "prompt": "hi", "max_tokens": "many"}}),
+    ("n=2", {"json": {"model": "full", "prompt": "hi", "n": 2}}),
+    ("unknown model", {"json": {"model": "nope", "prompt": "hi"}}),
+    ("max_tokens too big", {"json": {"model": "full", "prompt": "hi", "max_tokens": 10**6}}),
+    ("negative temperature", {"json": {"model": "full", "prompt": "hi", "temperature": -1}}),
+    ("prompt too long", {"json": {"model": "full", "prompt": list(range(5000))}}),
+    ("token id out of range", {"json": {"model": "full", "prompt": [10**9]}}),
+    ("oversized body", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}),
+    ("binary garbage", {"content": bytes(range(256)) * 8, "headers": {"content-type": "application/json"}}),
+]
+
+
+async def malformed_bursts(url: str, bursts: int, per_burst: int, gap_s: float) -> Counter:
+    statuses: Counter = Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for burst in range(bursts):
+            await asyncio.sleep(gap_s)
+            kinds = [MALFORMED[(burst * per_burst + i) % len(MALFORMED)] for i in range(per_burst)]
+            replies = await asyncio.gather(
+                *(client.post("/v1/completions", **kw) for _, kw in kinds), return_exceptions=True
+            )
+            for (name, _), reply in zip(kinds, replies, strict=True):
+                code = reply.status_code if isinstance(reply, httpx.Response) else type(reply).__name__
+                if isinstance(reply, httpx.Response) and "error" not in reply.json():
+                    code = f"{code} without error object"
+                statuses[f"{name}: {code}"] += 1
+    return statuses
+
+
+def check_answers(results: list[RequestResult], reference: dict[int, RequestResult]) -> dict:
+    """Each soak answer against the c=1 answer to the same prompt (greedy, so it should be the same)."""
+    exact = mixed = prompt_mismatch = 0
+    for r in results:
+        if not r.ok:
+            continue
+        own = reference[r.prompt_index]
+        if r.prompt_tokens != own.prompt_tokens:
+            prompt_mismatch += 1
+        if r.text == own.text:
+            exact += 1
+        elif any(r.text == other.text for k, other in reference.items() if k != r.prompt_index):
+            mixed += 1
+    return {
+        "answers": sum(r.ok for r in results),
+        "exact": exact,
+        "mixed_up": mixed,
+        "prompt_mismatch": prompt_mismatch,
+    }
+
+
+def soak(url: str, duration_s: float, clients: int, out: Path) -> dict:
+    pool, tokens = 16, 16
+    ref_config = LoadConfig(url=url, requests=pool, prompt_pool=pool, output_tokens=tokens, prompt_tokens=64, seed=7)
+    _, ref_results = run_bench(ref_config)
+    reference = {r.prompt_index: r for r in ref_results}
+    config = LoadConfig(
+        url=url,
+        concurrency=clients,
+        duration_s=duration_s,
+        prompt_pool=pool,
+        output_tokens=tokens,
+        prompt_tokens=64,
+        seed=7,
+    )
+
+    async def both():
+        bursts = malformed_bursts(url, bursts=4, per_burst=60, gap_s=duration_s / 5)
+        return await asyncio.gather(asyncio.to_thread(run_bench, config), bursts)
+
+    (summary, results), malformed = asyncio.run(both())
+    (out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
+    statuses = Counter(r.status for r in results)
+    ready = httpx.get(f"{url}/ready", timeout=10).status_code
+    return {
+        "requests": len(results),
+        "statuses": dict(statuses),
+        "errors": [f"{r.status} {r.error[:120]}" for r in results if not r.ok][:10],
+        "server_errors": sum(1 for r in results if r.status >= 500)
+        + sum(n for k, n in malformed.items() if k.rsplit(": ", 1)[1].startswith("5")),
+        "malformed": dict(malformed),
+        "answers": check_answers(results, reference),
+        "ready_after": ready,
+        "output_tokens_per_s": summary["variants"]["full"]["output_tokens_per_s"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/serving")
+    parser.add_argument("--soak-seconds", type=float, default=120.0)
+    parser.add_argument("--soak-clients", type=int, default=64)
+    parser.add_argument("--no-soak", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "machine": machine(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "runs": {},
+    }
+    bandwidth = read_bandwidth_gbps()
+    report["read_bandwidth_gbps"] = bandwidth
+    log.info("read bandwidth %.1f GB/s", bandwidth)
+    prompts = [make_prompt(i, 128) for i in range(5)]
+    for n, dtype in enumerate(args.dtypes.split(",")):
+        run: dict = {}
+        log.info("[%s] plain model.generate baseline", dtype)
+        run["generate"] = generate_baseline("smollm2-135m", dtype, prompts, 64)
+        run["floor_tpot_s"] = run["generate"]["weight_bytes"] / (bandwidth * 1e9)
+        server = Server(dtype, args.out / f"server-{dtype}.log")
+        try:
+            run_bench(LoadConfig(url=server.url, requests=2, output_tokens=8, seed=99))  # warm-up
+            for label, concurrency, requests in (("c1", 1, 16), ("c8", 8, 32)):
+                log.info("[%s] workload %s", dtype, label)
+                config = LoadConfig(url=server.url, concurrency=concurrency, requests=requests, seed=n)
+                summary, _ = run_bench(config)
+                (args.out / f"{dtype}-{label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+                run[label] = {k: v for k, v in summary["variants"]["full"].items() if k != "samples"}
+                run[label]["markdown"] = markdown(summary)
+            if n == 0 and not args.no_soak:
+                log.info("[%s] soak: %d clients for %.0f s", dtype, args.soak_clients, args.soak_seconds)
+                run["soak"] = soak(server.url, args.soak_seconds, args.soak_clients, args.out)
+            run["rss_mb"] = rss_mb(server.url)
+        finally:
+            run["exit_code"] = server.stop()
+        c1, c8 = run["c1"], run["c8"]
+        run["targets"] = {
+            "c8_over_c1_tokens_per_s": c8["output_tokens_per_s"] / c1["output_tokens_per_s"],
+            "generate_tpot_over_c1_tpot": run["generate"]["tpot_s_p50"] / c1["tpot_s"]["p50"],
+            "c1_tpot_over_floor": c1["tpot_s"]["p50"] / run["floor_tpot_s"],
+        }
+        report["runs"][dtype] = run
+        log.info("[%s] %s", dtype, json.dumps(run["targets"]))
+        (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "serving.md").write_text(results_markdown(report))
+    print(results_markdown(report))
+    return 0
+
+
+def results_markdown(report: dict) -> str:
+    """The tables for bench/RESULTS.md."""
+    ms = 1000
+    lines = [
+        f"Machine: {report['machine']}. Read bandwidth {report['read_bandwidth_gbps']:.1f} GB/s.",
+        "",
+        "| dtype | run | tok/s | TTFT p50 ms | TPOT p50 ms | TPOT p90 ms | e2e p50 s | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype, run in report["runs"].items():
+        g = run["generate"]
+        lines.append(
+            f"| {dtype} | plain `model.generate`, batch 1 | {g['tokens_per_s']:.1f} | {g['ttft_s_p50'] * ms:.0f} "
+            f"| {g['tpot_s_p50'] * ms:.1f} | - | - | - |"
+        )
+        for label in ("c1", "c8"):
+            r = run[label]
+            lines.append(
+                f"| {dtype} | server, concurrency {label[1:]} | {r['output_tokens_per_s']:.1f} "
+                f"| {r['ttft_s']['p50'] * ms:.0f} | {r['tpot_s']['p50'] * ms:.1f} | {r['tpot_s']['p90'] * ms:.1f} "
+                f"| {r['e2e_s']['p50']:.2f} | {r['errors']} |"
+            )
+    lines += ["", "| dtype | c8/c1 tok/s | generate TPOT / server c1 TPOT | c1 TPOT / floor | floor ms | RSS MB |"]
+    lines.append("|---|---|---|---|---|---|")
+    for dtype, run in report["runs"].items():
+        t = run["targets"]
+        lines.append(
+            f"| {dtype} | {t['c8_over_c1_tokens_per_s']:.2f}x | {t['generate_tpot_over_c1_tpot']:.2f}x "
+            f"| {t['c1_tpot_over_floor']:.1f}x | {run['floor_tpot_s'] * ms:.1f} | {run['rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rss_mb(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("trimserve_process_resident_memory_bytes{"):
+            return float(line.rsplit(" ", 1)[1]) / 2**20
+    return float("nan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Depth pruning: layer importance criteria, layer surgery, LLM-Streamline and TrimLLM."""

@@ -1,0 +1,144 @@
+"""`trimserve serve` (the HTTP server) and `trimserve bench URL` (the load generator)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# CLI flag -> Settings field; flags left unset fall back to TRIMSERVE_* env vars, then defaults.
+SERVE_FLAGS = {
+    "host": "host",
+    "port": "port",
+    "config": "config_file",
+    "variants_dir": "variants_dir",
+    "dtype": "dtype",
+    "device": "device",
+    "api_key": "api_key",
+    "max_batch_size": "max_batch_size",
+    "max_queue": "max_queue",
+    "max_prompt_tokens": "max_prompt_tokens",
+    "max_tokens": "max_tokens",
+    "request_timeout": "request_timeout_s",
+    "shutdown_timeout": "shutdown_timeout_s",
+    "max_body_bytes": "max_body_bytes",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API",
+        description="With no --model/--config: the default model as `full` plus its variants in the variants dir.",
+    )
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to serve (repeat)")
+    serve.add_argument("--config", type=Path, help="TOML or YAML listing models (name, source, dtype, device) and ab")
+    serve.add_argument("--ab", action="append", default=[], metavar="EXP=VAR:W,VAR:W", help="an A/B experiment")
+    serve.add_argument("--variants-dir", type=Path, help="where default variants are found")
+    serve.add_argument("--dtype", help="default dtype (fp32, bf16, fp16)")
+    serve.add_argument("--device", help="default device (cpu, cuda, auto)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--api-key", help="require this bearer token (also TRIMSERVE_API_KEY)")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--max-queue", type=int)
+    serve.add_argument("--max-prompt-tokens", type=int)
+    serve.add_argument("--max-tokens", type=int)
+    serve.add_argument("--request-timeout", type=float, help="seconds")
+    serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish in-flight requests at exit")
+    serve.add_argument("--max-body-bytes", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
+    bench.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--model", action="append", default=[], help="variant or experiment to target (repeat)")
+    bench.add_argument("--concurrency", type=int, default=1)
+    bench.add_argument("--rate", type=float, help="arrival rate in requests/s (Poisson) instead of a closed loop")
+    bench.add_argument("--requests", type=int, default=16)
+    bench.add_argument("--duration", type=float, help="seconds to keep sending (instead of --requests)")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--output-tokens", type=int, default=64)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
+    bench.add_argument("--api-key")
+    bench.add_argument("--timeout", type=float, default=300.0)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", type=Path, help="write the results JSON here")
+    bench.add_argument("--markdown", type=Path, help="write the markdown table here")
+    bench.set_defaults(func=cmd_bench)
+
+
+def serve_settings(args: argparse.Namespace):
+    from service.ab import parse_ab
+    from service.registry import parse_model_arg
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        field: getattr(args, flag) for flag, field in SERVE_FLAGS.items() if getattr(args, flag) is not None
+    }
+    if args.model:
+        overrides["models"] = [parse_model_arg(text) for text in args.model]
+    if args.ab:
+        overrides["ab"] = {e.name: dict(e.arms) for e in map(parse_ab, args.ab)}
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.ab import experiments_from
+    from service.app import create_app
+    from service.registry import model_specs
+
+    try:
+        settings = serve_settings(args)
+    except ValidationError as err:
+        raise ValueError(str(err)) from None
+    specs, ab = model_specs(settings)  # fail fast on a bad config, before loading anything
+    experiments_from(ab, {s.name for s in specs})
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
+        log_level="info",
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service.loadgen import LoadConfig, markdown, run_bench
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    config = LoadConfig(
+        url=args.url.rstrip("/"),
+        models=tuple(args.model) or ("full",),
+        concurrency=args.concurrency,
+        rate=args.rate,
+        requests=args.requests,
+        duration_s=args.duration,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        ignore_eos=not args.no_ignore_eos,
+        temperature=args.temperature,
+        api_key=args.api_key,
+        timeout_s=args.timeout,
+        seed=args.seed,
+    )
+    summary, _ = run_bench(config)
+    table = markdown(summary)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+    return 1 if any(v["errors"] for v in summary["variants"].values()) else 0

@@ -1,0 +1,396 @@
+"""LLMEngine: continuous batching for one model on a dedicated worker thread.
+
+Requests wait in a bounded FIFO queue. Between decode steps the worker admits waiting requests
+into free KV-cache slots (one prefill each, first token sampled from it), then runs one decode
+step for every running request together. Running requests occupy slots 0..B-1: when one leaves,
+the last one moves into its slot, so each decode step works on a prefix of the cache.
+
+Threading: model work runs only on the worker thread. Tokens reach the asyncio side through
+`loop.call_soon_threadsafe` onto a per-request `asyncio.Queue`. Flags the event loop sets (abort,
+stop) are plain attributes read by the worker at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from service.engine.runner import make_runner
+from service.engine.sampling import make_generator, sample, sample_one
+from service.engine.types import (
+    EngineConfig,
+    EngineDead,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    SamplingParams,
+    TokenEvent,
+)
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_END = object()  # queued for an aborted request: its iterator ends without a finish reason
+
+# Prompt tokens prefilled per step (at least one request): bounds how long a burst of arrivals
+# stalls the requests already decoding.
+PREFILL_TOKENS_PER_STEP = 256
+
+# Engines on one device take turns step by step: on a CPU, two variants decoding at once would
+# oversubscribe the cores (each forward already uses all intra-op threads) and both would slow down.
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def device_lock(device: torch.device) -> threading.Lock:
+    return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    arrival: float  # time.monotonic()
+    deadline: float
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    aborted: bool = False  # set from the event loop; the worker frees the slot at its next step
+    done: bool = False  # the worker sent the last event (or error)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+def eos_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:
+    """End-of-sequence tokens: the generation config's (else the model config's) and the tokenizer's."""
+    generation = getattr(model, "generation_config", None)
+    model_eos = getattr(generation, "eos_token_id", None)
+    if model_eos is None:
+        model_eos = getattr(model.config, "eos_token_id", None)
+    ids: set[int] = set()
+    for value in (model_eos, getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return frozenset(ids)
+
+
+class LLMEngine:
+    """One model served with continuous batching; see the module docstring."""
+
+    def __init__(self, name: str, model: PreTrainedModel, tokenizer, config: EngineConfig, metrics: Metrics) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.eos_token_ids = eos_ids(model, tokenizer)
+        self.runner = make_runner(model, config.max_batch_size, config.max_prompt_tokens + config.max_tokens)
+        self._device_lock = device_lock(model.device)
+        self._m_queue_wait = metrics.queue_wait.labels(variant=name)
+        self._m_ttft = metrics.ttft.labels(variant=name)
+        self._m_tpot = metrics.tpot.labels(variant=name)
+        self._m_prompt = metrics.prompt_tokens.labels(variant=name)
+        self._m_generated = metrics.generated_tokens.labels(variant=name)
+        self._m_running = metrics.running.labels(variant=name)
+        self._m_waiting = metrics.waiting.labels(variant=name)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()  # guarded by _cond
+        self._running: list[_Request] = []  # worker thread only; index = cache slot
+        self._admitted: list[_Request] = []  # worker thread only; popped from the queue this step
+        self._active: dict[str, _Request] = {}  # event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stop = False
+        self._dead: str | None = None
+        self.step_seconds = 0.0  # duration of the last worker step, for Retry-After estimates
+
+    # ----- event-loop side -------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    async def start(self) -> None:
+        """Warm the model up off the event loop, then start the worker thread."""
+        if self._thread is not None:
+            raise RuntimeError(f"engine {self.name!r} already started")
+        self._loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await asyncio.to_thread(self._warm_up)
+        log.info(
+            "engine %s warmed up in %.1f s (%s)", self.name, time.perf_counter() - started, type(self.runner).__name__
+        )
+        self._thread = threading.Thread(target=self._worker, name=f"engine-{self.name}", daemon=True)
+        self._accepting = True
+        self._thread.start()
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens; this model accepts at most {self.config.max_prompt_tokens}"
+            )
+        if len(prompt_ids) >= self.runner.max_seq:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.runner.max_seq}")
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if not 1 <= params.max_tokens <= self.config.max_tokens:
+            raise InvalidRequest(f"max_tokens must be between 1 and {self.config.max_tokens}")
+        if params.temperature < 0:
+            raise InvalidRequest("temperature must be >= 0")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]")
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[TokenEvent]:
+        """Yield the request's tokens as they are produced; the last event has a finish reason.
+
+        Errors (InvalidRequest, Overloaded, EngineDead) are raised at the first iteration, before
+        any token. Closing the iterator early (client gone) aborts the request.
+        """
+        if self._dead is not None or not self._accepting:
+            raise EngineDead(self._dead or f"engine {self.name!r} is not accepting requests")
+        self._validate(prompt_ids, params)
+        if request_id in self._active:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        now = time.monotonic()
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        req = _Request(
+            request_id=request_id,
+            prompt=list(prompt_ids),
+            params=params,
+            queue=asyncio.Queue(),
+            arrival=now,
+            deadline=now + self.config.request_timeout_s,
+            stop_ids=stop_ids,
+            generator=make_generator(params),
+        )
+        with self._cond:
+            if len(self._waiting) >= self.config.max_queue:
+                raise Overloaded(f"{self.name}: {len(self._waiting)} requests already waiting", self._retry_after())
+            self._waiting.append(req)
+            self._m_waiting.set(len(self._waiting))
+            self._cond.notify()
+        self._active[request_id] = req
+        try:
+            while True:
+                item = req.queue.get_nowait() if not req.queue.empty() else await self._next(req)
+                if item is _END:
+                    return
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._active.pop(request_id, None)
+            if not req.done:
+                self._abort(req)
+
+    async def _next(self, req: _Request) -> object:
+        """Wait for the request's next item until its deadline."""
+        try:
+            return await asyncio.wait_for(req.queue.get(), timeout=max(req.deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise RequestTimeout(f"request {req.request_id} ran past {self.config.request_timeout_s:g} s") from None
+
+    def _retry_after(self) -> float:
+        """Rough seconds until a queue place frees: one request's worth of decode steps."""
+        steps = max(self.step_seconds, 0.01) * 64
+        return round(min(max(steps, 1.0), 60.0), 1)
+
+    def _abort(self, req: _Request) -> None:
+        req.aborted = True
+        with self._cond:
+            self._cond.notify()
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request: its iterator ends now and its slot is freed at the next step."""
+        req = self._active.get(request_id)
+        if req is None or req.done:
+            return
+        self._abort(req)
+        req.queue.put_nowait(_END)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop admitting; let in-flight requests finish for up to `timeout` s, then end them (EngineDead)."""
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._running or self._waiting) and loop.time() < deadline and self._thread is not None:
+            await asyncio.sleep(0.01)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._dead = self._dead or f"engine {self.name!r} was shut down"
+
+    # ----- worker thread ---------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        """Run prefill and decode (batch 1 and 2) once, so first requests meet warm kernels."""
+        ids = [t % self.vocab_size for t in range(1, 9)]
+        with self._device_lock:
+            for batch in sorted({1, min(2, self.runner.max_slots)}):
+                for slot in range(batch):
+                    self.runner.prefill(slot, ids)
+                for _ in range(2):
+                    self.runner.decode(torch.ones(batch, dtype=torch.long), torch.full((batch,), len(ids)))
+
+    def _worker(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                started = time.perf_counter()
+                try:
+                    with self._device_lock:
+                        self._step()
+                except Exception as err:  # a model failure ends the requests it touched, not the engine
+                    log.exception("engine %s: step failed", self.name)
+                    self._fail_all(self._running + self._admitted, EngineDead(f"generation failed: {err}"))
+                    self._running.clear()
+                self.step_seconds = time.perf_counter() - started
+        except BaseException as err:
+            self._dead = f"engine {self.name!r} worker died: {err}"
+            log.exception("engine %s: worker died", self.name)
+            raise
+        finally:
+            self._dead = self._dead or f"engine {self.name!r} was shut down"
+            with self._cond:
+                leftover = list(self._waiting)
+                self._waiting.clear()
+            self._fail_all(self._running + leftover, EngineDead(self._dead))
+            self._running.clear()
+            self._update_gauges()
+
+    def _fail_all(self, requests: list[_Request], error: EngineError) -> None:
+        events = []
+        for req in requests:
+            if not req.done:
+                req.done = True
+                events.append((req, error))
+        self._deliver(events)
+
+    def _deliver(self, events: list[tuple[_Request, object]]) -> None:
+        if events and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_put_all, events)
+
+    def _update_gauges(self) -> None:
+        self._m_running.set(len(self._running))
+        self._m_waiting.set(len(self._waiting))
+
+    def _step(self) -> None:
+        events: list[tuple[_Request, object]] = []
+        now = time.monotonic()
+        for req in self._running:
+            if not req.aborted and now > req.deadline:
+                req.done = True
+                events.append((req, RequestTimeout(f"request {req.request_id} ran past its deadline")))
+        self._compact()
+        self._admitted = self._admit(now, events)
+        for req in self._admitted:
+            self._m_queue_wait.observe(now - req.arrival)
+            self._m_prompt.inc(len(req.prompt))
+            logits = self.runner.prefill(len(self._running), req.prompt)
+            self._running.append(req)
+            self._emit(req, sample_one(logits, req.params, req.generator), events)
+            self._deliver(events)  # the first token leaves now, not after the other prefills
+            events = []
+        self._admitted = []
+        self._compact()
+        if self._running:
+            batch = self._running
+            tokens = torch.tensor([r.output[-1] for r in batch], dtype=torch.long)
+            positions = torch.tensor([r.length - 1 for r in batch], dtype=torch.long)
+            logits = self.runner.decode(tokens, positions)
+            chosen = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+            for req, token in zip(batch, chosen, strict=True):
+                self._emit(req, token, events)
+            self._compact()
+        self._deliver(events)
+        self._update_gauges()
+
+    def _admit(self, now: float, events: list[tuple[_Request, object]]) -> list[_Request]:
+        """Pop waiting requests into free slots; drop aborted and expired ones on the way."""
+        admitted: list[_Request] = []
+        budget = PREFILL_TOKENS_PER_STEP
+        with self._cond:
+            while self._waiting and len(self._running) + len(admitted) < self.runner.max_slots:
+                if admitted and len(self._waiting[0].prompt) > budget:
+                    break  # running requests get a decode step before more prefills
+                req = self._waiting.popleft()
+                if req.aborted:
+                    req.done = True
+                elif now > req.deadline:
+                    req.done = True
+                    events.append((req, RequestTimeout(f"request {req.request_id} timed out in the queue")))
+                else:
+                    admitted.append(req)
+                    budget -= len(req.prompt)
+        return admitted
+
+    def _emit(self, req: _Request, token: int, events: list[tuple[_Request, object]]) -> None:
+        if req.aborted or req.done:
+            return
+        now = time.monotonic()
+        req.output.append(token)
+        if len(req.output) == 1:
+            req.first_token_at = now
+            self._m_ttft.observe(now - req.arrival)
+        req.last_token_at = now
+        self._m_generated.inc()
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif len(req.output) >= req.params.max_tokens or req.length >= self.runner.max_seq:
+            reason = "length"
+        if reason is not None:
+            req.done = True
+            if len(req.output) > 1:
+                self._m_tpot.observe((req.last_token_at - req.first_token_at) / (len(req.output) - 1))
+        events.append((req, TokenEvent(token, reason)))
+
+    def _compact(self) -> None:
+        """Remove finished and aborted requests, moving the last running request into each hole."""
+        i = 0
+        while i < len(self._running):
+            if not (self._running[i].done or self._running[i].aborted):
+                i += 1
+                continue
+            last = len(self._running) - 1
+            if i != last:
+                moved = self._running[last]
+                self.runner.move(last, i, moved.length - 1)
+                self._running[i] = moved
+            self._running.pop()
+
+
+def _put_all(events: list[tuple[_Request, object]]) -> None:
+    for req, item in events:
+        req.queue.put_nowait(item)

@@ -1,0 +1,346 @@
+"""Load generator: streamed /v1/completions at a set concurrency or arrival rate.
+
+Per request it measures TTFT (time to the first non-empty text chunk), end-to-end latency and
+output tokens (from the usage chunk), then TPOT = (e2e - TTFT) / (tokens - 1). Results are grouped
+by the variant that answered (the `X-Trimserve-Variant` header), so an A/B experiment reports
+each arm. `summarize` gives the JSON that `trimserve bench --json` writes and `trimserve report`
+reads; `markdown` renders it as a table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WORDS = (
+    "time",
+    "year",
+    "people",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+    "father",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "city",
+    "community",
+    "name",
+    "president",
+    "team",
+    "minute",
+    "idea",
+    "kid",
+    "body",
+    "information",
+    "back",
+    "parent",
+    "face",
+    "others",
+    "level",
+    "office",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "morning",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "teacher",
+    "force",
+    "education",
+)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    models: tuple[str, ...] = ("full",)  # requests cycle over these names (variants or experiments)
+    concurrency: int = 1
+    rate: float | None = None  # requests per second (Poisson arrivals); None: closed loop at `concurrency`
+    requests: int = 16
+    duration_s: float | None = None  # if set, keep sending until then (instead of a request count)
+    prompt_tokens: int = 128
+    output_tokens: int = 64
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    api_key: str | None = None
+    timeout_s: float = 300.0
+    seed: int = 0
+    prompt_pool: int = 0  # >0: reuse this many distinct prompts (to check answers); 0: every prompt unique
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.requests < 1 or self.prompt_tokens < 4 or self.output_tokens < 1:
+            raise ValueError("concurrency, requests, output_tokens must be >= 1 and prompt_tokens >= 4")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError("rate must be > 0 requests/s")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError("duration_s must be > 0")
+        if not self.models:
+            raise ValueError("name at least one model")
+
+
+@dataclass
+class RequestResult:
+    index: int
+    prompt_index: int
+    model: str
+    variant: str = ""
+    ok: bool = False
+    status: int = 0
+    error: str = ""
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    text: str = ""
+    events: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def tpot_s(self) -> float | None:
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+def make_prompt(index: int, tokens: int, seed: int = 0) -> str:
+    """About `tokens` tokens of words, unique per index (so no prefix is shared between requests)."""
+    rng = random.Random(seed * 1_000_003 + index)
+    words = [rng.choice(WORDS) for _ in range(tokens - 4)]
+    return f"Request {index}: " + " ".join(words)
+
+
+async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) -> RequestResult:
+    prompt_index = index % config.prompt_pool if config.prompt_pool else index
+    model = config.models[index % len(config.models)]
+    result = RequestResult(index=index, prompt_index=prompt_index, model=model)
+    body = {
+        "model": model,
+        "prompt": make_prompt(prompt_index, config.prompt_tokens, config.seed),
+        "max_tokens": config.output_tokens,
+        "temperature": config.temperature,
+        "ignore_eos": config.ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": f"loadgen-{index}",
+    }
+    pieces: list[str] = []
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            result.status = response.status_code
+            result.variant = response.headers.get("x-trimserve-variant", model)
+            if response.status_code != 200:
+                result.error = (await response.aread()).decode(errors="replace")[:300]
+                return result
+            done = False
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "stream error")
+                    continue
+                for choice in chunk.get("choices", []):
+                    if choice.get("text") and not pieces:
+                        result.ttft_s = time.perf_counter() - start
+                    pieces.append(choice.get("text", ""))
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+        result.e2e_s = time.perf_counter() - start
+        result.text = "".join(pieces)
+        result.ok = done and not result.error and result.output_tokens > 0
+        if not result.ok and not result.error:
+            result.error = "stream ended without [DONE] or usage"
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        result.error = f"{type(err).__name__}: {err}"
+    return result
+
+
+async def run_load(config: LoadConfig) -> tuple[list[RequestResult], float]:
+    """Send the configured load; returns the results (in index order) and the wall time."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=config.concurrency + 8, max_keepalive_connections=config.concurrency + 8)
+    timeout = httpx.Timeout(config.timeout_s, connect=30.0)
+    results: list[RequestResult] = []
+    rng = random.Random(config.seed)
+    async with httpx.AsyncClient(base_url=config.url, headers=headers, limits=limits, timeout=timeout) as client:
+        start = time.perf_counter()
+
+        def more(i: int) -> bool:
+            if config.duration_s is not None:
+                return time.perf_counter() - start < config.duration_s
+            return i < config.requests
+
+        if config.rate is None:
+            counter = iter(range(1 << 62))
+
+            async def worker() -> None:
+                while more(i := next(counter)):
+                    results.append(await send_one(client, config, i))
+
+            await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+        else:
+            gate = asyncio.Semaphore(config.concurrency)
+
+            async def limited(i: int) -> None:
+                async with gate:
+                    results.append(await send_one(client, config, i))
+
+            tasks, i = [], 0
+            while more(i):
+                tasks.append(asyncio.create_task(limited(i)))
+                i += 1
+                await asyncio.sleep(rng.expovariate(config.rate))
+            await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return sorted(results, key=lambda r: r.index), elapsed
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    array = np.asarray(values)
+    p50, p90, p99 = (float(np.percentile(array, q)) for q in (50, 90, 99))
+    return {"p50": p50, "p90": p90, "p99": p99, "mean": float(array.mean())}
+
+
+def summarize(config: LoadConfig, results: list[RequestResult], started: datetime, elapsed: float) -> dict[str, Any]:
+    """The bench JSON: per variant counts, throughput, TTFT/TPOT/e2e quantiles and raw samples."""
+    variants: dict[str, Any] = {}
+    for name in sorted({r.variant or r.model for r in results}):
+        mine = [r for r in results if (r.variant or r.model) == name]
+        good = [r for r in mine if r.ok]
+        tokens = sum(r.output_tokens for r in good)
+        samples = {
+            "ttft_s": [r.ttft_s for r in good],
+            "tpot_s": [t for r in good if (t := r.tpot_s) is not None],
+            "e2e_s": [r.e2e_s for r in good],
+        }
+        variants[name] = {
+            "requests": len(mine),
+            "errors": len(mine) - len(good),
+            "output_tokens": tokens,
+            "output_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "ttft_s": _stats(samples["ttft_s"]),
+            "tpot_s": _stats(samples["tpot_s"]),
+            "e2e_s": _stats(samples["e2e_s"]),
+            "samples": samples,
+        }
+    settings = asdict(config)
+    settings.pop("api_key")
+    return {
+        "url": config.url,
+        "started": started.isoformat(timespec="seconds"),
+        "settings": settings,
+        "duration_s": elapsed,
+        "variants": variants,
+    }
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """One row per variant; times in ms."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.1f}"
+
+    lines = [
+        "| variant | requests | errors | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms "
+        "| e2e p50/p90/p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary["variants"].items():
+        cols = ["/".join(ms(v[k][q]) for q in ("p50", "p90", "p99")) for k in ("ttft_s", "tpot_s", "e2e_s")]
+        lines.append(
+            f"| {name} | {v['requests']} | {v['errors']} | {v['output_tokens_per_s']:.1f} | " + " | ".join(cols) + " |"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(config: LoadConfig) -> tuple[dict[str, Any], list[RequestResult]]:
+    started = datetime.now(UTC)
+    results, elapsed = asyncio.run(run_load(config))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        log.warning(
+            "%d of %d requests failed; first: %s %s", len(failed), len(results), failed[0].status, failed[0].error
+        )
+    return summarize(config, results, started, elapsed), results

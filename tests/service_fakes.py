@@ -1,0 +1,127 @@
+"""A fake engine for HTTP-layer tests: conforms to the engine interface, answers instantly.
+
+It echoes the prompt's own tokens back (cycling), so each response's text shows which prompt it
+answered, and it records aborts so tests can check that a client leaving frees the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import torch
+
+from service.engine.types import (
+    EngineConfig,
+    EngineDead,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    SamplingParams,
+    TokenEvent,
+)
+from service.metrics import Metrics
+from service.registry import LoadedModel, weight_bytes
+
+
+class FakeEngine:
+    """Echo engine; `delay` seconds per token, `fail_after` tokens before an EngineError."""
+
+    def __init__(self, name: str, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset({2})) -> None:
+        self.name = name
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.delay = 0.0
+        self.fail_after: int | None = None
+        self.script: list[int] | None = None  # tokens to emit instead of the echo
+        self.active: set[str] = set()
+        self.aborted: list[str] = []
+        self.seen: list[tuple[list[int], SamplingParams]] = []
+        self.started = False
+        self.stopped = False
+
+    @property
+    def num_running(self) -> int:
+        return min(len(self.active), self.config.max_batch_size)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, len(self.active) - self.config.max_batch_size)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self.stopped = True
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.active and request_id not in self.aborted:
+            self.aborted.append(request_id)
+        self.active.discard(request_id)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[TokenEvent]:
+        if self.stopped:
+            raise EngineDead("engine stopped")
+        if not prompt_ids or len(prompt_ids) > self.config.max_prompt_tokens:
+            raise InvalidRequest("bad prompt length")
+        if params.max_tokens > self.config.max_tokens:
+            raise InvalidRequest("max_tokens too large")
+        if len(self.active) >= self.config.max_batch_size + self.config.max_queue:
+            raise Overloaded("queue full", retry_after=2.0)
+        self.seen.append((list(prompt_ids), params))
+        self.active.add(request_id)
+        source = self.script or prompt_ids
+        finished = False
+        try:
+            for i in range(params.max_tokens):
+                if request_id not in self.active:
+                    return
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise EngineError("the fake engine failed on purpose")
+                await asyncio.sleep(self.delay)
+                token = source[i % len(source)]
+                last = i == params.max_tokens - 1
+                if not params.ignore_eos and token in self.eos_token_ids:
+                    finished = True
+                    yield TokenEvent(token, "stop")
+                    return
+                finished = last
+                yield TokenEvent(token, "length" if last else None)
+        finally:
+            if not finished and request_id not in self.aborted:  # closed early, as LLMEngine: an abort
+                self.aborted.append(request_id)
+            self.active.discard(request_id)
+
+
+def fake_factory(engines: dict[str, FakeEngine]):
+    """An engine factory for create_app that keeps the engines it makes, by variant name."""
+
+    def make(loaded: LoadedModel, config: EngineConfig, metrics: Metrics) -> FakeEngine:
+        engines[loaded.name] = FakeEngine(loaded.name, config)
+        return engines[loaded.name]
+
+    return make
+
+
+def loaded_model(name: str, model: torch.nn.Module, tokenizer, manifest=None) -> LoadedModel:
+    return LoadedModel(
+        name=name,
+        source=f"/tmp/{name}",
+        dtype="fp32",
+        device=torch.device("cpu"),
+        model=model,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        load_seconds=0.5,
+        load_rss_bytes=1000,
+        params_total=sum(p.numel() for p in model.parameters()),
+        params_nonzero=sum(p.numel() for p in model.parameters()),
+        weight_bytes=weight_bytes(model),
+        loaded_at=time.time(),
+    )

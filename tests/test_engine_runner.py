@@ -1,0 +1,139 @@
+"""Runners: greedy tokens equal `model.generate`, alone and in batches of mixed prompt lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.llama import LlamaRunner, can_pack, unsupported_reason
+from service.engine.runner import HFRunner, make_runner
+from service.engine.sampling import make_generator, sample, top_p_filter
+from service.engine.types import SamplingParams
+from tests.tiny_models import tiny_llama, tiny_opt
+
+
+def reference(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=2)
+    return out[0, len(prompt) :].tolist()
+
+
+def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 40000, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy_batch(runner, batch: list[list[int]], n: int) -> list[list[int]]:
+    outs = [[int(runner.prefill(slot, p).argmax())] for slot, p in enumerate(batch)]
+    for _ in range(n - 1):
+        tokens = torch.tensor([o[-1] for o in outs])
+        positions = torch.tensor([len(p) + len(o) - 1 for p, o in zip(batch, outs, strict=True)])
+        for o, t in zip(outs, runner.decode(tokens, positions).argmax(-1).tolist(), strict=True):
+            o.append(t)
+    return outs
+
+
+def test_fast_path_selection(tiny_model) -> None:
+    runner = make_runner(tiny_model, 2, 64)
+    expected = HFRunner if tiny_model.config.model_type == "opt" else LlamaRunner
+    assert isinstance(runner, expected)
+
+
+def test_greedy_matches_generate_single_and_batched(tiny_model) -> None:
+    batch = prompts((5, 23, 11, 1))
+    runner = make_runner(tiny_model, 4, 128)
+    expected = [reference(tiny_model, p, 12) for p in batch]
+    assert greedy_batch(runner, batch[:1], 12) == expected[:1]
+    assert greedy_batch(runner, batch, 12) == expected
+
+
+def test_move_keeps_a_request_intact() -> None:
+    model = tiny_llama()
+    runner = make_runner(model, 3, 128)
+    a, b = prompts((7, 13), seed=1)
+    runner.prefill(0, a)
+    first = int(runner.prefill(2, b).argmax())
+    runner.move(2, 1, len(b))
+    runner.prefill(0, prompts((3,), seed=2)[0])  # slot 0 overwritten by someone else
+    logits = runner.decode(torch.tensor([0, first]), torch.tensor([3, len(b)]))
+    assert int(logits[1].argmax()) == reference(model, b, 2)[1]
+
+
+def test_cache_grows_past_its_first_capacity() -> None:
+    model = tiny_llama()
+    runner = LlamaRunner(model, 2, 512)
+    assert runner.capacity == 256
+    prompt = prompts((250,), seed=3)[0]
+    assert greedy_batch(runner, [prompt], 12) == [reference(model, prompt, 12)]
+    assert runner.capacity == 512
+
+
+def test_layer_without_attention_runs_its_mlp_only() -> None:
+    model = tiny_llama()
+    model.model.layers[1].self_attn = torch.nn.Identity()
+    assert unsupported_reason(model) is None
+    runner = make_runner(model, 2, 64)
+    x = torch.randn(1, 3, 64)
+    layer = model.model.layers[1]
+    h = layer.post_attention_layernorm(x)
+    expected = x + layer.mlp(h)
+    assert torch.allclose(runner._mlp(runner.layers[1], x), expected)
+    assert runner.k_cache[1] is None
+
+
+def test_unsupported_architecture_uses_generic_runner() -> None:
+    assert "opt" in unsupported_reason(tiny_opt())
+    assert isinstance(make_runner(tiny_llama(), 2, 64, fast=False), HFRunner)
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = top_p_filter(logits, 0.7).isfinite().tolist()
+    assert kept == [True, True, False, False]
+    assert top_p_filter(logits, 0.01).isfinite().tolist() == [True, False, False, False]
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    logits = torch.randn(3, 100)
+    first = sample(logits, [params] * 3, [make_generator(params) for _ in range(3)])
+    again = sample(logits, [params] * 3, [make_generator(params) for _ in range(3)])
+    assert first == again
+    assert make_generator(SamplingParams(temperature=0)) is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sample_shapes(temperature: float) -> None:
+    params = SamplingParams(temperature=temperature, seed=1)
+    tokens = sample(torch.randn(2, 50), [params, params], [make_generator(params), make_generator(params)])
+    assert len(tokens) == 2 and all(0 <= t < 50 for t in tokens)
+
+
+def test_ffn_replacement_layers_match_generate() -> None:
+    from pruning.depth.noop import make_noop
+
+    model = tiny_llama()
+    make_noop(model.model.layers[0], 0)
+    make_noop(model.model.layers[2], 2)
+    runner = make_runner(model, 2, 128)
+    assert isinstance(runner, LlamaRunner) and runner.k_cache[0] is None
+    batch = prompts((6, 14), seed=8)
+    assert greedy_batch(runner, batch, 8) == [reference(model, p, 8) for p in batch]
+
+
+def test_packed_bf16_weights_give_the_same_logits() -> None:
+    model = tiny_llama().to(torch.bfloat16)
+    if not can_pack(model):
+        pytest.skip("no oneDNN bf16 support on this CPU")
+    packed, plain = LlamaRunner(model, 2, 64, pack=True), LlamaRunner(model, 2, 64, pack=False)
+    ids = prompts((9,), seed=10)[0]
+    assert torch.equal(packed.prefill(0, ids), plain.prefill(0, ids))
+    step = (torch.tensor([5]), torch.tensor([9]))
+    assert torch.equal(packed.decode(*step), plain.decode(*step))
+
+
+def test_packed_fp32_weights_are_close() -> None:
+    model = tiny_llama()
+    assert not can_pack(model)  # fp32 packing is opt-in: MKL's blocked kernels round differently
+    packed, plain = LlamaRunner(model, 2, 64, pack=True), LlamaRunner(model, 2, 64, pack=False)
+    ids = prompts((9,), seed=10)[0]
+    assert torch.allclose(packed.prefill(0, ids), plain.prefill(0, ids), atol=1e-4)

@@ -1,0 +1,98 @@
+"""The load generator and the `trimserve serve` / `trimserve bench` commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.app import create_app
+from service.cli import serve_settings
+from service.loadgen import LoadConfig, make_prompt, markdown, run_bench
+from service.settings import Settings
+from tests.service_fakes import FakeEngine, fake_factory, loaded_model
+from tests.test_service_server import LiveServer
+from tests.tiny_models import tiny_llama
+from trimserve.cli import build_parser, main
+
+STATS = {"p50", "p90", "p99", "mean"}
+TIMES = ("ttft_s", "tpot_s", "e2e_s")
+
+
+@pytest.fixture(scope="module")
+def live(tokenizer) -> Iterator[LiveServer]:
+    engines: dict[str, FakeEngine] = {}
+    tiny = tiny_llama(layers=1)
+    app = create_app(
+        Settings(ab={"chat": {"full": 1, "small": 1}}),
+        loaded=[loaded_model("full", tiny, tokenizer), loaded_model("small", tiny, tokenizer)],
+        engine_factory=fake_factory(engines),
+    )
+    server = LiveServer(app, engines)
+    for engine in engines.values():
+        engine.delay = 0.002
+    yield server
+    server.stop()
+
+
+def test_closed_loop_reports_each_arm(live: LiveServer, tokenizer) -> None:
+    config = LoadConfig(url=live.url, models=("chat",), concurrency=4, requests=24, prompt_tokens=32, output_tokens=6)
+    summary, results = run_bench(config)
+    assert set(summary) == {"url", "started", "settings", "duration_s", "variants"}
+    assert set(summary["variants"]) == {"full", "small"}
+    assert sum(v["requests"] for v in summary["variants"].values()) == 24
+    for v in summary["variants"].values():
+        assert v["errors"] == 0 and v["output_tokens"] == 6 * v["requests"]
+        assert set(v) == {"requests", "errors", "output_tokens", "output_tokens_per_s", "samples", *TIMES}
+        assert all(set(v[k]) == STATS for k in TIMES)
+        assert len(v["samples"]["e2e_s"]) == v["requests"] and v["output_tokens_per_s"] > 0
+        assert v["ttft_s"]["p50"] <= v["e2e_s"]["p50"]
+    # The fake echoes the prompt, so each answer shows it was the answer to its own request.
+    for r in results:
+        assert r.text and make_prompt(r.prompt_index, 32).startswith(r.text)
+        assert r.prompt_tokens == len(tokenizer.encode(make_prompt(r.prompt_index, 32)))
+    assert "| full |" in markdown(summary) and "| small |" in markdown(summary)
+
+
+def test_arrival_rate_and_errors_are_counted(live: LiveServer) -> None:
+    summary, _ = run_bench(LoadConfig(url=live.url, rate=200.0, concurrency=8, requests=10, output_tokens=3))
+    assert summary["variants"]["full"]["requests"] == 10 and summary["variants"]["full"]["errors"] == 0
+    failing, results = run_bench(LoadConfig(url=live.url, models=("ghost",), requests=2, output_tokens=2))
+    assert failing["variants"]["ghost"]["errors"] == 2 and results[0].status == 404
+
+
+def test_bench_command_writes_json_and_markdown(live: LiveServer, tmp_path: Path) -> None:
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["bench", live.url, "--requests", "3", "--output-tokens", "4", "--json", str(out), "--markdown", str(table)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["variants"]["full"]["output_tokens"] == 12 and data["settings"]["concurrency"] == 1
+    assert table.read_text().startswith("| variant |")
+
+
+def test_serve_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIMSERVE_API_KEY", "from-env")
+    monkeypatch.setenv("TRIMSERVE_MAX_QUEUE", "7")
+    args = build_parser().parse_args(
+        ["serve", "--model", "full=/m/full", "--model", "d8=/m/d8", "--ab", "exp=full:3,d8:1", "--dtype", "bf16"]
+    )
+    settings = serve_settings(args)
+    assert [m.name for m in settings.models] == ["full", "d8"] and settings.dtype == "bf16"
+    assert settings.ab == {"exp": {"full": 3, "d8": 1}}
+    assert settings.api_key.get_secret_value() == "from-env" and settings.max_queue == 7
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--config", "/nonexistent/serve.toml"],
+        ["serve", "--model", "full=/x", "--ab", "exp=full:1,ghost:1"],
+        ["serve", "--ab", "broken"],
+        ["serve", "--dtype", "int3"],
+    ],
+)
+def test_serve_rejects_bad_configuration(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    assert "trimserve: error:" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""`trimserve prune sparse`: a variant with statistics and a bit-exact compressed copy; bad input first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pruning.artifacts import BaseModelRef, VariantManifest, read_manifest, save_variant, verify_variant
+from pruning.models import load_model
+from pruning.sparse.storage import load_compressed_model
+from tests.tiny_models import tiny_llama
+from trimserve.cli import main
+
+CALIB = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    out = tmp_path_factory.mktemp("sparse") / "tiny"
+    save_variant(
+        tiny_llama(layers=2),
+        tokenizer,
+        out,
+        VariantManifest(name="tiny", base=BaseModelRef(source="random"), method="none"),
+    )
+    return out
+
+
+def test_trim_variant_with_stats_and_compressed_copy(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "trim70"
+    args = ["prune", "sparse", str(tiny_dir), "--method", "trim", "--sparsity", "0.7", "--owl-lambda", "0.08"]
+    assert main([*args, "--owl-m", "5", *CALIB, "--out", str(out)]) == 0
+    manifest = verify_variant(out)
+    assert manifest.method == "trim+owl+wanda"
+    linears = manifest.stats["linears"]
+    assert len(linears) == 14 and all("lr" in v and "row_max" in v for v in linears.values())
+    assert sum(manifest.stats["block_sparsity"]) / 2 == pytest.approx(0.7)
+    storage = manifest.stats["storage"]
+    assert storage["compressed_bytes"] < storage["dense_bytes"]
+    dense, _ = load_model(out)
+    compressed = load_compressed_model(out)
+    for (name, a), b in zip(dense.state_dict().items(), compressed.state_dict().values(), strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    # same command again: the variant is reused, nothing rewritten
+    assert main([*args, "--owl-m", "5", *CALIB, "--out", str(out)]) == 0
+    assert "already holds this variant" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "wanda", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["--method", "wanda", "--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
+        (["--method", "wanda", "--pattern", "4:4"], "0 < N < M"),
+        (["--method", "sparsegpt", "--pattern", "5:4"], "0 < N < M"),
+        (["--method", "trim", "--pattern", "2:4"], "cannot be combined with --method trim"),
+        (["--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "drop --sparsity"),
+        (["--method", "owl", "--owl-lambda", "0.9"], "OWL lambda"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tiny_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert main(["prune", "sparse", str(tiny_dir), *extra, *CALIB, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unsupported_architecture(tmp_path, tokenizer, capsys):
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    out = tmp_path / "out"
+    assert main(["prune", "sparse", str(gpt2), "--method", "wanda", *CALIB, "--out", str(out)]) == 2
+    assert "not supported" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_dir_with_a_different_variant_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "taken"
+    assert (
+        main(
+            ["prune", "sparse", str(tiny_dir), "--method", "magnitude", "--sparsity", "0.5", *CALIB, "--out", str(out)]
+        )
+        == 0
+    )
+    before = read_manifest(out)
+    assert (
+        main(["prune", "sparse", str(tiny_dir), "--method", "wanda", "--sparsity", "0.5", *CALIB, "--out", str(out)])
+        == 2
+    )
+    assert "different variant" in capsys.readouterr().err
+    assert read_manifest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging leftovers
