@@ -78,6 +78,16 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
+def resolve_dtype(name: str, device: str) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; other names pass through."""
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    if resolve_device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def resolve_device(name: str) -> torch.device:
     if name not in DEVICES:
         raise ValueError(f"unknown device {name!r}; choose one of {DEVICES}")

@@ -47,8 +47,8 @@ evaluate() {  # NAME SOURCE WEIGHTS: skip when the scores are newer than the wei
 }
 mkdir -p "$OUT"
 evaluate full "$FULL" "$FULL/config.json"
-evaluate depth8 "$DEPTH" "$DEPTH/trimserve.json"
-evaluate sparse50 "$SPARSE" "$SPARSE/trimserve.json"
+evaluate depth8 "$DEPTH" "$DEPTH/model.safetensors"
+evaluate sparse50 "$SPARSE" "$SPARSE/model.safetensors"
 
 step "5/5 serve full, depth8 and sparse50, with the A/B experiment chat = full 50%, depth8 25%, sparse50 25%"
 "$TS" serve --host "$HOST" --port "$PORT" \

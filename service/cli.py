@@ -26,6 +26,7 @@ SERVE_FLAGS = {
     "request_timeout": "request_timeout_s",
     "shutdown_timeout": "shutdown_timeout_s",
     "max_body_bytes": "max_body_bytes",
+    "threads": "torch_threads",
 }
 
 
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", type=Path, help="TOML or YAML listing models (name, source, dtype, device) and ab")
     serve.add_argument("--ab", action="append", default=[], metavar="EXP=VAR:W,VAR:W", help="an A/B experiment")
     serve.add_argument("--variants-dir", type=Path, help="where default variants are found")
-    serve.add_argument("--dtype", help="default dtype (fp32, bf16, fp16)")
+    serve.add_argument("--dtype", help="default dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     serve.add_argument("--device", help="default device (cpu, cuda, auto)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--request-timeout", type=float, help="seconds")
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish in-flight requests at exit")
     serve.add_argument("--max-body-bytes", type=int)
+    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
@@ -101,6 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from None
     specs, ab = model_specs(settings)  # fail fast on a bad config, before loading anything
     experiments_from(ab, {s.name for s in specs})
+    if settings.torch_threads is not None:
+        import torch
+
+        # On a shared or small CPU host one thread can beat oversubscribed cores (bench/RESULTS.md).
+        torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

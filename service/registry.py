@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pruning.artifacts import MANIFEST, VariantError, VariantManifest, read_manifest, weight_stats
-from pruning.models import DEFAULT_MODEL, ModelLoadError, load_model, resolve_model, variants_dir
+from pruning.models import DEFAULT_MODEL, ModelLoadError, load_model, resolve_dtype, resolve_model, variants_dir
 from service.memory import process_rss_bytes
 from service.metrics import Metrics
 from service.settings import ModelSpec, Settings
@@ -167,7 +167,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def load_one(spec: ModelSpec) -> LoadedModel:
     """Load, verify (manifest hashes) and measure one model."""
-    dtype, device = spec.dtype or "fp32", spec.device or "cpu"
+    device = spec.device or "cpu"
+    dtype = resolve_dtype(spec.dtype or "auto", device)
     rss_before, start = process_rss_bytes(), time.perf_counter()
     try:
         model, tokenizer = load_model(spec.source, dtype=dtype, device=device, verify=True)

@@ -6,12 +6,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pruning.models import DEVICES, DTYPES
 from service.engine.types import EngineConfig
+
+
+def _known_dtype(value: str) -> str:
+    if value != "auto" and value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; choose auto or one of {sorted(DTYPES)}")
+    return value
+
+
+def _known_device(value: str) -> str:
+    if value not in DEVICES:
+        raise ValueError(f"unknown device {value!r}; choose one of {DEVICES}")
+    return value
+
+
+Dtype = Annotated[str, AfterValidator(_known_dtype)]
+Device = Annotated[str, AfterValidator(_known_device)]
 
 
 class ModelSpec(BaseModel):
@@ -19,22 +36,8 @@ class ModelSpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: str  # alias, directory, GGUF file or hub id (see pruning.models.resolve_model)
-    dtype: str | None = None  # None: the server's default dtype
-    device: str | None = None
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; choose one of {sorted(DTYPES)}")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str | None) -> str | None:
-        if value is not None and value not in DEVICES:
-            raise ValueError(f"unknown device {value!r}; choose one of {DEVICES}")
-        return value
+    dtype: Dtype | None = None  # None: the server's default dtype
+    device: Device | None = None
 
 
 class Settings(BaseSettings):
@@ -47,8 +50,9 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)  # empty: the default model and its variants
     config_file: Path | None = None  # TOML or YAML with `models` (and optionally `ab`)
     variants_dir: Path | None = None  # None: pruning.models.variants_dir()
-    dtype: str = "fp32"
-    device: str = "cpu"
+    dtype: Dtype = "auto"  # bf16 on CUDA (fp16 without bf16 support), fp32 on CPU
+    device: Device = "cpu"
+    torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
     ab: dict[str, dict[str, int]] = Field(default_factory=dict)  # experiment -> {variant: weight}
     api_key: SecretStr | None = None
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -61,20 +65,6 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, ge=0)
     retry_after_s: float = Field(1.0, gt=0)
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str) -> str:
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; choose one of {sorted(DTYPES)}")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if value not in DEVICES:
-            raise ValueError(f"unknown device {value!r}; choose one of {DEVICES}")
-        return value
 
     @field_validator("ab")
     @classmethod

@@ -61,3 +61,19 @@ def test_dtype_and_device_settings():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_auto_dtype_is_half_precision_on_cuda(monkeypatch):
+    from pruning.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "fp32"
+    assert resolve_dtype("fp16", "cpu") == "fp16"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("fp8", "cpu")
+    # The CUDA branch, exercised on CPU by pretending a device is there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda") == "bf16"
+    assert resolve_dtype("auto", "auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda") == "fp16"
