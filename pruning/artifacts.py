@@ -13,6 +13,8 @@ import json
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -193,6 +195,24 @@ def check_output_dir(out_dir: str | Path, manifest: VariantManifest) -> bool:
     return True
 
 
+@contextmanager
+def staged_directory(target: str | Path) -> Iterator[Path]:
+    """A fresh directory beside `target`, renamed onto it when the block succeeds and removed if
+    it fails, so an interrupted write never leaves a partial `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; checkpoints are meant to be shared
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_variant(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -211,22 +231,13 @@ def save_variant(
             "layer_sparsity": sparsity,
         }
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a variant is meant to be shared
-    try:
+    with staged_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not (tmp / "generation_config.json").is_file():
             model.generation_config.save_pretrained(tmp)
         manifest.files = {f.name: sha256_file(f) for f in weight_files(tmp)}
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pruning.artifacts import MANIFEST, verify_variant
+from pruning.artifacts import MANIFEST, staged_directory, verify_variant
 from pruning.depth.noop import has_noop_layers, load_noop_checkpoint
 
 log = logging.getLogger(__name__)
@@ -148,17 +146,9 @@ def fetch_embedded(name: str = DEFAULT_MODEL, cache: Path | None = None) -> Path
     log.info("converting %s to safetensors in %s", gguf.name, target)
     model, tokenizer = load_gguf(gguf, torch.float32)
     model.config.name_or_path = name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so an interrupted fetch never leaves a half checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    try:
+    with staged_directory(target) as tmp:  # an interrupted fetch never leaves a half checkpoint
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -120,3 +120,16 @@ def test_weight_stats_count_tied_embeddings_once():
     assert params.total == sum(p.numel() for p in model.parameters())  # parameters() dedups too
     assert params.nonzero == sum(int(torch.count_nonzero(p)) for p in model.parameters())
     assert sparsity == {"layers.0": 0.0}
+
+
+def test_staged_directory_leaves_nothing_behind_on_failure(tmp_path):
+    from pruning.artifacts import staged_directory
+
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), staged_directory(target) as tmp:
+        (tmp / "half.safetensors").write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with staged_directory(target) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "done.txt").is_file()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -17,6 +15,7 @@ from pruning.artifacts import (
     check_output_dir,
     save_variant,
     sha256_file,
+    staged_directory,
     weight_files,
     weights_sha256,
     write_manifest,
@@ -124,9 +123,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
 
 def write_variant(model, tokenizer, out_dir: Path, manifest: VariantManifest, compressed: bool) -> None:
     """Dense checkpoint (+ compressed copy) staged next to out_dir, then renamed into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-sparse-", dir=out_dir.parent)) / "variant"
-    try:
+    with staged_directory(out_dir) as staging:
         manifest = save_variant(model, tokenizer, staging, manifest)
         storage = {"dense_bytes": sum(f.stat().st_size for f in weight_files(staging))}
         if compressed:
@@ -135,8 +132,3 @@ def write_variant(model, tokenizer, out_dir: Path, manifest: VariantManifest, co
             storage["compressed_sha256"] = sha256_file(staging / COMPRESSED_PATH)
         manifest.stats["storage"] = storage
         write_manifest(staging, manifest)
-        if out_dir.exists():
-            out_dir.rmdir()  # check_output_dir allowed only an empty directory here
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
