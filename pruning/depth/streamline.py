@@ -29,7 +29,7 @@ from pruning.blocks import decoder_layers, run_block
 from pruning.depth.criteria import best_window, window_cosine
 from pruning.depth.noop import check_ffn_support, ffn_layer, mark_noop_layers
 from pruning.depth.surgery import remove_layers, replace_window
-from pruning.depth.train import adamw, cosine_lr, freeze_all_but, lm_loss
+from pruning.depth.train import adamw, cosine_lr, freeze_all_but, lm_loss, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,7 @@ def train_mse(
                 group["lr"] = cosine_lr(len(losses), total, config.lr, config.lr_min)
             out = run_block(block, inputs[idx], kwargs)
             loss = F.mse_loss(out.float(), targets[idx].float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(opt, loss))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             bar.update()
     bar.close()
@@ -153,10 +150,7 @@ def train_lm(
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(len(losses), total, config.lr, config.lr_min)
             loss = lm_loss(model, windows[order[i : i + config.batch_size]].to(model.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(opt, loss))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             bar.update()
     bar.close()

@@ -52,3 +52,11 @@ def detached_embeddings(model: PreTrainedModel) -> Iterator[None]:
 def lm_loss(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, seqlen) window batch."""
     return model(batch, labels=batch, use_cache=False).loss
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One gradient step on `loss`; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()

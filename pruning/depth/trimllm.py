@@ -26,7 +26,7 @@ from pruning.data import DataError
 from pruning.depth.criteria import block_influence
 from pruning.depth.states import RemovalScan, depth_states, removal_scan
 from pruning.depth.surgery import remove_layers
-from pruning.depth.train import adamw, detached_embeddings, freeze_all_but, lm_loss
+from pruning.depth.train import adamw, detached_embeddings, freeze_all_but, lm_loss, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,7 @@ def fine_tune(
         bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
         for _ in bar:
             loss = lm_loss(model, sample_batch(stream, config, gen).to(model.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(opt, loss))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
     model.eval()
     return losses
