@@ -4,21 +4,13 @@ import sys
 
 import pytest
 
-from pruning.artifacts import BaseModelRef, VariantManifest, save_variant
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import save_tiny_variant
 from trimserve.cli import main
 
 
 @pytest.fixture
 def tiny_dir(tmp_path, tokenizer):
-    out = tmp_path / "tiny"
-    save_variant(
-        tiny_llama(layers=2),
-        tokenizer,
-        out,
-        VariantManifest(name="tiny", base=BaseModelRef(source="random"), method="none"),
-    )
-    return out
+    return save_tiny_variant(tmp_path / "tiny", tokenizer)
 
 
 def test_eval_writes_named_metrics(tiny_dir, tmp_path, capsys):

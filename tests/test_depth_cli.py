@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import pruning.depth.pipeline as pipeline
-from pruning.artifacts import BaseModelRef, VariantManifest, read_manifest, save_variant
+from pruning.artifacts import read_manifest
 from pruning.models import load_model
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import save_tiny_variant
 from trimserve.cli import main
 
 CALIB = ["--calib", "c4", "--nsamples", "2", "--seqlen", "32"]
@@ -18,10 +18,7 @@ CALIB = ["--calib", "c4", "--nsamples", "2", "--seqlen", "32"]
 
 @pytest.fixture
 def tiny_dir(tmp_path, tokenizer):
-    out = tmp_path / "tiny"
-    manifest = VariantManifest(name="tiny", base=BaseModelRef(source="random"), method="none")
-    save_variant(tiny_llama(layers=4), tokenizer, out, manifest)
-    return out
+    return save_tiny_variant(tmp_path / "tiny", tokenizer, layers=4)
 
 
 @pytest.fixture

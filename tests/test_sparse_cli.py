@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pruning.artifacts import BaseModelRef, VariantManifest, read_manifest, save_variant, verify_variant
+from pruning.artifacts import read_manifest, verify_variant
 from pruning.models import load_model
 from pruning.sparse.storage import load_compressed_model
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import save_tiny_variant
 from trimserve.cli import main
 
 CALIB = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32"]
@@ -17,14 +17,7 @@ CALIB = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    out = tmp_path_factory.mktemp("sparse") / "tiny"
-    save_variant(
-        tiny_llama(layers=2),
-        tokenizer,
-        out,
-        VariantManifest(name="tiny", base=BaseModelRef(source="random"), method="none"),
-    )
-    return out
+    return save_tiny_variant(tmp_path_factory.mktemp("sparse") / "tiny", tokenizer)
 
 
 def test_trim_variant_with_stats_and_compressed_copy(tiny_dir, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -12,58 +14,64 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from pruning.artifacts import BaseModelRef, VariantManifest, save_variant
+
 TINY_VOCAB = 49152  # the default model's tokenizer, so tiny models can share it
 
 
-def tiny_llama(layers: int = 4, seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCausalLM:
+# Fields every tiny config shares; each builder adds its architecture's own names.
+COMMON = dict(hidden_size=64, num_attention_heads=4, max_position_embeddings=512, eos_token_id=2, pad_token_id=2)
+
+
+def _build(model_cls, config_cls, seed: int, **fields):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
+    return model_cls(config_cls(**COMMON, **fields)).eval()
+
+
+def tiny_llama(layers: int = 4, seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCausalLM:
+    return _build(
+        LlamaForCausalLM,
+        LlamaConfig,
+        seed,
         intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
-        max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_qwen2(layers: int = 4, seed: int = 0, vocab_size: int = TINY_VOCAB) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=64,
+    return _build(
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        seed,
         intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
-        max_position_embeddings=512,
-        eos_token_id=2,
-        pad_token_id=2,
     )
-    return Qwen2ForCausalLM(config).eval()
 
 
 def tiny_opt(layers: int = 4, seed: int = 0, vocab_size: int = TINY_VOCAB) -> OPTForCausalLM:
-    torch.manual_seed(seed)
-    config = OPTConfig(
-        hidden_size=64,
+    return _build(
+        OPTForCausalLM,
+        OPTConfig,
+        seed,
         ffn_dim=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
         vocab_size=vocab_size,
-        max_position_embeddings=512,
         word_embed_proj_dim=64,
-        eos_token_id=2,
-        pad_token_id=2,
         bos_token_id=1,
     )
-    return OPTForCausalLM(config).eval()
+
+
+def save_tiny_variant(out: Path, tokenizer, layers: int = 2) -> Path:
+    """A tiny random Llama saved as a trimserve variant (the input of CLI tests)."""
+    manifest = VariantManifest(name="tiny", base=BaseModelRef(source="random"), method="none")
+    save_variant(tiny_llama(layers=layers), tokenizer, out, manifest)
+    return out
 
 
 TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt}
