@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service.ab import experiments_from
 from service.api import chat, completions, health, models
 from service.api import metrics as metrics_api
+from service.engine.compute import run_async
 from service.engine.types import EngineConfig
 from service.errors import install_handlers
 from service.metrics import Metrics
@@ -44,7 +45,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         specs, ab = model_specs(settings) if loaded is None else ([], dict(settings.ab))
-        models_ = loaded if loaded is not None else await asyncio.to_thread(load_all, specs)
+        models_ = loaded if loaded is not None else await run_async("cpu", lambda: load_all(specs))
         state.experiments = experiments_from(ab, {m.name for m in models_})
         started: list[ManagedEngine] = []
         try:

@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.torch_threads is not None:
         import torch
 
-        # On a shared or small CPU host one thread can beat oversubscribed cores (bench/RESULTS.md).
+        # A host shared with other CPU-heavy processes may do better with fewer intra-op threads.
         torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     config = uvicorn.Config(

@@ -280,3 +280,31 @@ def test_a_failing_step_ends_its_requests_not_the_engine(model) -> None:
         return after
 
     assert len(run(main())) == 10
+
+
+def test_engines_on_one_device_share_one_compute_thread(model) -> None:
+    """All model work of every engine on a device runs on one thread (see service.engine.compute)."""
+    import threading
+
+    threads: set[str] = set()
+
+    def recording(method):
+        def call(*args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return method(*args, **kwargs)
+
+        return call
+
+    async def main():
+        engines = [make_engine(model, max_batch_size=2) for _ in range(2)]
+        for engine in engines:
+            engine.runner.prefill = recording(engine.runner.prefill)
+            engine.runner.decode = recording(engine.runner.decode)
+            await engine.start()
+        batch = prompts((5, 8), seed=11)
+        await asyncio.gather(*(collect(e, p, GREEDY, "r") for e, p in zip(engines, batch, strict=True)))
+        for engine in engines:
+            await engine.shutdown(1.0)
+
+    run(main())
+    assert len(threads) == 1 and threads.pop().startswith("torch-cpu")

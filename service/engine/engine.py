@@ -5,9 +5,10 @@ into free KV-cache slots (one prefill each, first token sampled from it), then r
 step for every running request together. Running requests occupy slots 0..B-1: when one leaves,
 the last one moves into its slot, so each decode step works on a prefix of the cache.
 
-Threading: model work runs only on the worker thread. Tokens reach the asyncio side through
-`loop.call_soon_threadsafe` onto a per-request `asyncio.Queue`. Flags the event loop sets (abort,
-stop) are plain attributes read by the worker at the next step.
+Threading: the worker thread schedules; the model work of each step runs on the device's compute
+thread (`service.engine.compute`), shared by every engine on that device. Tokens reach the asyncio
+side through `loop.call_soon_threadsafe` onto a per-request `asyncio.Queue`. Flags the event loop
+sets (abort, stop) are plain attributes read by the worker at the next step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from service.engine.compute import run_async, run_sync
 from service.engine.runner import make_runner
 from service.engine.sampling import make_generator, sample, sample_one
 from service.engine.types import (
@@ -44,14 +46,6 @@ _END = object()  # queued for an aborted request: its iterator ends without a fi
 # Prompt tokens prefilled per step (at least one request): bounds how long a burst of arrivals
 # stalls the requests already decoding.
 PREFILL_TOKENS_PER_STEP = 256
-
-# Engines on one device take turns step by step: on a CPU, two variants decoding at once would
-# oversubscribe the cores (each forward already uses all intra-op threads) and both would slow down.
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-
-
-def device_lock(device: torch.device) -> threading.Lock:
-    return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
 
 
 @dataclass(eq=False)
@@ -98,8 +92,10 @@ class LLMEngine:
         self.config = config
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.eos_token_ids = eos_ids(model, tokenizer)
-        self.runner = make_runner(model, config.max_batch_size, config.max_prompt_tokens + config.max_tokens)
-        self._device_lock = device_lock(model.device)
+        self.device = model.device
+        self.runner = run_sync(
+            self.device, lambda: make_runner(model, config.max_batch_size, config.max_prompt_tokens + config.max_tokens)
+        )
         self._m_queue_wait = metrics.queue_wait.labels(variant=name)
         self._m_ttft = metrics.ttft.labels(variant=name)
         self._m_tpot = metrics.tpot.labels(variant=name)
@@ -135,7 +131,7 @@ class LLMEngine:
             raise RuntimeError(f"engine {self.name!r} already started")
         self._loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        await asyncio.to_thread(self._warm_up)
+        await run_async(self.device, self._warm_up)
         log.info(
             "engine %s warmed up in %.1f s (%s)", self.name, time.perf_counter() - started, type(self.runner).__name__
         )
@@ -252,12 +248,11 @@ class LLMEngine:
     def _warm_up(self) -> None:
         """Run prefill and decode (batch 1 and 2) once, so first requests meet warm kernels."""
         ids = [t % self.vocab_size for t in range(1, 9)]
-        with self._device_lock:
-            for batch in sorted({1, min(2, self.runner.max_slots)}):
-                for slot in range(batch):
-                    self.runner.prefill(slot, ids)
-                for _ in range(2):
-                    self.runner.decode(torch.ones(batch, dtype=torch.long), torch.full((batch,), len(ids)))
+        for batch in sorted({1, min(2, self.runner.max_slots)}):
+            for slot in range(batch):
+                self.runner.prefill(slot, ids)
+            for _ in range(2):
+                self.runner.decode(torch.ones(batch, dtype=torch.long), torch.full((batch,), len(ids)))
 
     def _worker(self) -> None:
         try:
@@ -269,8 +264,7 @@ class LLMEngine:
                         break
                 started = time.perf_counter()
                 try:
-                    with self._device_lock:
-                        self._step()
+                    run_sync(self.device, self._step)
                 except Exception as err:  # a model failure ends the requests it touched, not the engine
                     log.exception("engine %s: step failed", self.name)
                     self._fail_all(self._running + self._admitted, EngineDead(f"generation failed: {err}"))
