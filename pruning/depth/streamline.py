@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,25 +111,11 @@ def train_mse(
 ) -> list[float]:
     """Fit block(inputs) to targets, both (n, seqlen, hidden); kwargs carry the causal mask setup."""
     block.requires_grad_(True)
-    opt = adamw(block.parameters(), config.lr, config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    n = len(inputs)
-    steps_per_epoch = -(-n // config.batch_size)
-    total = steps_per_epoch * config.epochs
-    losses: list[float] = []
-    bar = tqdm(total=total, desc="streamline mse", unit="step")
-    for _epoch in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, config.batch_size):
-            idx = order[i : i + config.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(len(losses), total, config.lr, config.lr_min)
-            out = run_block(block, inputs[idx], kwargs)
-            loss = F.mse_loss(out.float(), targets[idx].float())
-            losses.append(optimizer_step(opt, loss))
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-            bar.update()
-    bar.close()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(run_block(block, inputs[idx], kwargs).float(), targets[idx].float())
+
+    losses = _train(block, len(inputs), config.epochs, config, "streamline mse", loss_of)
     block.requires_grad_(False)
     return losses
 
@@ -138,23 +125,38 @@ def train_lm(
 ) -> list[float]:
     """Train `block` (already inside `model`) by the LM loss, everything else frozen."""
     freeze_all_but(model, [block])
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return lm_loss(model, windows[idx].to(model.device))
+
+    losses = _train(block, len(windows), epochs, config, "streamline lm", loss_of)
+    model.requires_grad_(False)
+    return losses
+
+
+def _train(
+    block: nn.Module,
+    n: int,
+    epochs: int,
+    config: StreamlineConfig,
+    desc: str,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+) -> list[float]:
+    """AdamW on `block` over `epochs` seeded shuffles of n examples, cosine lr; `loss_of(indices)`."""
     opt = adamw(block.parameters(), config.lr, config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
-    n = len(windows)
     total = -(-n // config.batch_size) * epochs
     losses: list[float] = []
-    bar = tqdm(total=total, desc="streamline lm", unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step")
     for _epoch in range(epochs):
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, config.batch_size):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(len(losses), total, config.lr, config.lr_min)
-            loss = lm_loss(model, windows[order[i : i + config.batch_size]].to(model.device))
-            losses.append(optimizer_step(opt, loss))
+            losses.append(optimizer_step(opt, loss_of(order[i : i + config.batch_size])))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             bar.update()
     bar.close()
-    model.requires_grad_(False)
     return losses
 
 
