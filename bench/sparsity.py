@@ -25,7 +25,7 @@ from pruning.data import calibration_windows, eval_windows, load_texts, tokenize
 from pruning.evaluate import window_nll
 from pruning.models import DEFAULT_MODEL, load_model
 from pruning.sparse.owl import OwlConfig
-from pruning.sparse.pipeline import SparseConfig, _Runner, outlier_ratios, prune_blocks
+from pruning.sparse.pipeline import SparseConfig, _Runner, outlier_ratios, prune_blocks, prune_uncalibrated
 from pruning.sparse.trim import TrimConfig
 
 log = logging.getLogger("bench.sparsity")
@@ -43,11 +43,14 @@ VARIANTS: dict[str, dict] = {
     "owl+sparsegpt": {"method": "sparsegpt", "owl": OWL},
     "trim+owl+sparsegpt": {"method": "sparsegpt", "owl": OWL, "trim": TrimConfig()},
     "trim[all]+owl+sparsegpt": {"method": "sparsegpt", "owl": OWL, "trim": TrimConfig(tokens="all")},
+    "owl+wanda+seq": {"method": "wanda", "owl": OWL, "sequential": True},
     "trim+owl+wanda+seq": {"method": "wanda", "owl": OWL, "trim": TrimConfig(), "sequential": True},
     "owl+sparsegpt+seq": {"method": "sparsegpt", "owl": OWL, "sequential": True},
     "trim+owl+sparsegpt+seq": {"method": "sparsegpt", "owl": OWL, "trim": TrimConfig(), "sequential": True},
 }
-FULL_TEST = [("dense", "0"), ("wanda", "0.5"), ("trim+owl+wanda", "0.7"), ("trim+owl+wanda", "0.8")]
+FULL_TEST = [("dense", "0"), ("wanda", "0.5")] + [
+    (m, s) for m in ("trim+owl+wanda", "trim+owl+wanda+seq") for s in ("0.7", "0.8")
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--full-test", action="store_true", help=f"only the full-test-set rows {FULL_TEST}")
+    p.add_argument(
+        "--full-test",
+        action="store_true",
+        help=f"only the full-test-set rows among {FULL_TEST} (filtered by --methods and --sparsities)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/out/sparsity.json"))
@@ -84,7 +91,7 @@ def make_config(variant: str, sparsity: str) -> SparseConfig | None:
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.full_test:
-        return [(m, s) for m, s in FULL_TEST if m in args.methods]
+        return [(m, s) for m, s in FULL_TEST if m in args.methods and (m == "dense" or s in args.sparsities)]
     rows = [("dense", "0")] if "dense" in args.methods else []
     return rows + [(m, s) for m in args.methods if m != "dense" for s in args.sparsities if make_config(m, s)]
 
@@ -120,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         if method != "dense":
             cfg = make_config(method, sparsity)
             start = time.perf_counter()
-            runner = _Runner(model, calib, torch.device("cpu"), False, args.batch_size)
             lod_key = f"n{args.nsamples}x{args.seqlen} seed{args.seed} m{OWL.m}"
             reused = bool(cfg.owl) and lod_key in lods
-            if cfg.owl and not reused:
-                lods[lod_key] = {"lod": outlier_ratios(runner, cfg.owl), "seconds": time.perf_counter() - start}
-            report = prune_blocks(runner, cfg, lods[lod_key]["lod"] if cfg.owl else None)
+            if cfg.calibrated:
+                runner = _Runner(model, calib, torch.device("cpu"), False, args.batch_size)
+                if cfg.owl and not reused:
+                    lods[lod_key] = {"lod": outlier_ratios(runner, cfg.owl), "seconds": time.perf_counter() - start}
+                report = prune_blocks(runner, cfg, lods[lod_key]["lod"] if cfg.owl else None)
+            else:
+                report = prune_uncalibrated(model, cfg)
             # The dense OWL pass runs once and is reused; its time counts in every OWL row.
             row["owl_pass_s"] = lods[lod_key]["seconds"] if cfg.owl else 0.0
             row["prune_s"] = time.perf_counter() - start + (row["owl_pass_s"] if reused else 0.0)

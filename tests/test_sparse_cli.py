@@ -77,6 +77,7 @@ def test_out_dir_with_a_different_variant_is_refused(tiny_dir, tmp_path, capsys)
         == 0
     )
     before = read_manifest(out)
+    assert before.calibration is None  # plain magnitude pruning reads no calibration data
     assert (
         main(["prune", "sparse", str(tiny_dir), "--method", "wanda", "--sparsity", "0.5", *CALIB, "--out", str(out)])
         == 2

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pruning.blocks import decoder_layers, linear_layers
+from pruning.sparse.magnitude import magnitude_mask
 from pruning.sparse.owl import OwlConfig
 from pruning.sparse.pipeline import SparseConfig, prune_model
 from pruning.sparse.storage import load_compressed, nonzero_bits, save_compressed, unique_state
@@ -60,6 +61,17 @@ def test_pipeline_exact_sparsity(arch, name):
             assert abs(int(zeros.sum()) - W.numel() * target) <= 1, key
         if cfg.trim:
             assert report.layers[f"layers.{key}"]["objective"] >= report.layers[f"layers.{key}"]["uniform_objective"]
+
+
+def test_plain_magnitude_needs_no_calibration():
+    model = tiny_llama(layers=2)
+    expected = {k: W * magnitude_mask(W, 0.6) for k, W in _weights(model).items()}
+    report = prune_model(model, None, SparseConfig("magnitude", 0.6))
+    assert len(report.layers) == len(expected)
+    for key, W in _weights(model).items():
+        assert torch.equal(W, expected[key]), key
+    with pytest.raises(ValueError, match="needs calibration"):
+        prune_model(model, None, SparseConfig("wanda", 0.6))
 
 
 def test_wanda_block0_matches_reference_from_dense_embeddings():

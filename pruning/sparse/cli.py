@@ -97,15 +97,17 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         base=BaseModelRef(source=str(args.model), sha256=weights_sha256(source)),
         method=cfg.label.split(" ")[0],
         settings={**cfg.settings(), "dtype": args.dtype},
-        calibration=CalibrationRef(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        calibration=CalibrationRef(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        if cfg.calibrated
+        else None,
         seed=args.seed,
     )
     if check_output_dir(args.out, manifest):
         print(f"{args.out} already holds this variant; nothing to do")
         return 0
-    texts = load_texts(args.calib)
+    texts = load_texts(args.calib) if cfg.calibrated else None
     model, tokenizer = load_model(args.model, args.dtype, "cpu" if args.offload else args.device)
-    windows = calibration_windows(texts, tokenizer, args.nsamples, args.seqlen, args.seed)
+    windows = calibration_windows(texts, tokenizer, args.nsamples, args.seqlen, args.seed) if texts else None
     report = prune_model(model, windows, cfg, device, args.offload, args.batch_size)
     model.to("cpu")
     lrs = [info["lr"] for info in report.layers.values() if "lr" in info]

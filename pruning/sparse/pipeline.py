@@ -76,6 +76,11 @@ class SparseConfig:
         )
 
     @property
+    def calibrated(self) -> bool:
+        """Whether pruning needs calibration data (plain magnitude pruning does not)."""
+        return self.method != "magnitude" or self.owl is not None or self.trim is not None
+
+    @property
     def label(self) -> str:
         trim = ("trim[all]" if self.trim.tokens == "all" else "trim") if self.trim else ""
         parts = [p for p in (trim, "owl" if self.owl else "", self.method, "seq" if self.sequential else "") if p]
@@ -195,29 +200,62 @@ def prune_blocks(runner: _Runner, cfg: SparseConfig, lod: list[float] | None = N
     targets = owl_sparsities(lod, cfg.sparsity, cfg.owl.lam) if cfg.owl else [cfg.sparsity] * n
     report = SparseReport(block_sparsity=targets, outlier_ratios=lod if cfg.owl else None)
     for i, block, inputs, outputs in runner.passes(f"prune {cfg.label}"):
-        linears = linear_layers(block)
         for group in _groups(block, inputs, runner) if cfg.sequential else [None]:
             stats = collect_stats(
                 block, inputs, runner.kwargs, cfg.needs, runner.batch_size, runner.device, None, group
             )
-            for name in stats:
-                W, info = prune_weight(linears[name].weight.data, stats[name], cfg, targets[i])
-                linears[name].weight.data.copy_(W)
-                report.layers[f"layers.{i}.{name}"] = row_summary(W) | info
+            _prune_linears(i, block, stats, cfg, targets[i], report)
             del stats
         collect_stats(block, inputs, runner.kwargs, Needs(), runner.batch_size, runner.device, outputs)
     report.seconds = time.perf_counter() - start
     return report
 
 
+@torch.no_grad()
+def prune_uncalibrated(model: PreTrainedModel, cfg: SparseConfig) -> SparseReport:
+    """Plain magnitude pruning: every block in place, no calibration pass needed."""
+    if cfg.calibrated:
+        raise ValueError(f"{cfg.label} needs calibration data")
+    start = time.perf_counter()
+    blocks = decoder_layers(model)
+    report = SparseReport(block_sparsity=[cfg.sparsity] * len(blocks), outlier_ratios=None)
+    for i, block in enumerate(tqdm(blocks, desc=f"prune {cfg.label}", unit="block")):
+        _prune_linears(i, block, {name: LayerStats() for name in linear_layers(block)}, cfg, cfg.sparsity, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _prune_linears(
+    i: int,
+    block: torch.nn.Module,
+    stats: dict[str, LayerStats],
+    cfg: SparseConfig,
+    sparsity: float,
+    report: SparseReport,
+) -> None:
+    """Prune the linears of block i named in `stats` in place and record them in the report."""
+    linears = linear_layers(block)
+    for name in stats:
+        W, info = prune_weight(linears[name].weight.data, stats[name], cfg, sparsity)
+        linears[name].weight.data.copy_(W)
+        report.layers[f"layers.{i}.{name}"] = row_summary(W) | info
+
+
 def prune_model(
     model: PreTrainedModel,
-    windows: torch.Tensor,
+    windows: torch.Tensor | None,
     cfg: SparseConfig,
     device: torch.device | str = "cpu",
     offload: bool = False,
     batch_size: int = 8,
 ) -> SparseReport:
-    """Prune `model` in place from calibration windows (n, seqlen) token ids."""
+    """Prune `model` in place from calibration windows (n, seqlen) token ids; plain magnitude
+    pruning needs none and ignores them."""
+    if not cfg.calibrated:
+        if not offload:
+            model.to(device)
+        return prune_uncalibrated(model, cfg)
+    if windows is None or len(windows) == 0:
+        raise ValueError(f"{cfg.label} needs calibration windows")
     runner = _Runner(model, windows, torch.device(device), offload, batch_size)
     return prune_blocks(runner, cfg)
