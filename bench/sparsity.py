@@ -188,7 +188,7 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"].values():
-        calib = f"{row['nsamples']}x{row['seqlen']} C4" if row["method"] != "dense" else "-"
+        calib = "-" if row["method"] in ("dense", "magnitude") else f"{row['nsamples']}x{row['seqlen']} C4"
         lines.append(
             f"| {row['method']} | {row['sparsity']} | {calib} | {row['eval_windows']} x {row['eval_seqlen']} "
             f"| {row['ppl']:.2f} "

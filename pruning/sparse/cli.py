@@ -52,7 +52,9 @@ def register(prune_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--owl-nsamples", type=int, default=None, help="windows for OWL's dense pass (default all)")
     p.add_argument("--trim-tokens", choices=("last", "all"), default="last", help="TRIM metric tokens")
     p.add_argument(
-        "--sequential", action="store_true", help="inside a block, recompute inputs after each pruned group of linears"
+        "--sequential",
+        action="store_true",
+        help="inside a block, recompute inputs after each pruned group of linears (TRIM's input recalculation)",
     )
     p.add_argument("--calib", default="c4", help="calibration source (default c4)")
     p.add_argument("--nsamples", type=int, default=128)
