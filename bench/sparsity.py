@@ -98,7 +98,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def row_key(method: str, sparsity: str, args: argparse.Namespace) -> str:
     windows = "full" if args.full_test else f"w{args.eval_windows}"
-    calib = "" if method == "dense" else f" n{args.nsamples}x{args.seqlen}"
+    calib = "" if method == "dense" else f" n{args.nsamples}x{args.seqlen}" + (f" seed{args.seed}" if args.seed else "")
     return f"{method} {sparsity}{calib} {windows}"
 
 
