@@ -25,7 +25,7 @@ from pruning.data import calibration_windows, eval_windows, load_texts, tokenize
 from pruning.evaluate import window_nll
 from pruning.models import DEFAULT_MODEL, load_model
 from pruning.sparse.owl import OwlConfig
-from pruning.sparse.pipeline import SparseConfig, _Runner, outlier_ratios, prune_blocks, prune_uncalibrated
+from pruning.sparse.pipeline import SparseConfig, _Runner, outlier_ratios, prune_blocks, prune_model
 from pruning.sparse.trim import TrimConfig
 
 log = logging.getLogger("bench.sparsity")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     lods[lod_key] = {"lod": outlier_ratios(runner, cfg.owl), "seconds": time.perf_counter() - start}
                 report = prune_blocks(runner, cfg, lods[lod_key]["lod"] if cfg.owl else None)
             else:
-                report = prune_uncalibrated(model, cfg)
+                report = prune_model(model, None, cfg)
             # The dense OWL pass runs once and is reused; its time counts in every OWL row.
             row["owl_pass_s"] = lods[lod_key]["seconds"] if cfg.owl else 0.0
             row["prune_s"] = time.perf_counter() - start + (row["owl_pass_s"] if reused else 0.0)

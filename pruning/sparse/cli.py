@@ -109,7 +109,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         return 0
     texts = load_texts(args.calib) if cfg.calibrated else None
     model, tokenizer = load_model(args.model, args.dtype, "cpu" if args.offload else args.device)
-    windows = calibration_windows(texts, tokenizer, args.nsamples, args.seqlen, args.seed) if texts else None
+    windows = calibration_windows(texts, tokenizer, args.nsamples, args.seqlen, args.seed) if cfg.calibrated else None
     report = prune_model(model, windows, cfg, device, args.offload, args.batch_size)
     model.to("cpu")
     lrs = [info["lr"] for info in report.layers.values() if "lr" in info]

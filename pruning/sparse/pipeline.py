@@ -78,7 +78,7 @@ class SparseConfig:
     @property
     def calibrated(self) -> bool:
         """Whether pruning needs calibration data (plain magnitude pruning does not)."""
-        return self.method != "magnitude" or self.owl is not None or self.trim is not None
+        return self.owl is not None or self.needs != Needs()
 
     @property
     def label(self) -> str:
@@ -212,10 +212,8 @@ def prune_blocks(runner: _Runner, cfg: SparseConfig, lod: list[float] | None = N
 
 
 @torch.no_grad()
-def prune_uncalibrated(model: PreTrainedModel, cfg: SparseConfig) -> SparseReport:
+def _prune_uncalibrated(model: PreTrainedModel, cfg: SparseConfig) -> SparseReport:
     """Plain magnitude pruning: every block in place, no calibration pass needed."""
-    if cfg.calibrated:
-        raise ValueError(f"{cfg.label} needs calibration data")
     start = time.perf_counter()
     blocks = decoder_layers(model)
     report = SparseReport(block_sparsity=[cfg.sparsity] * len(blocks), outlier_ratios=None)
@@ -254,7 +252,7 @@ def prune_model(
     if not cfg.calibrated:
         if not offload:
             model.to(device)
-        return prune_uncalibrated(model, cfg)
+        return _prune_uncalibrated(model, cfg)
     if windows is None or len(windows) == 0:
         raise ValueError(f"{cfg.label} needs calibration windows")
     runner = _Runner(model, windows, torch.device(device), offload, batch_size)
