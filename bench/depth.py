@@ -55,7 +55,7 @@ class Bench:
         self.args = args
         self.out: Path = args.out
         (self.out / "rows").mkdir(parents=True, exist_ok=True)
-        self.model, self.tokenizer = load_model(args.model, "fp32", "cpu")
+        self.model, self.tokenizer = load_model(args.model, "fp32", args.device)
         self.num_layers = len(decoder_layers(self.model))
         self._wiki: torch.Tensor | None = None
         self._calib: Calibration | None = None
@@ -161,10 +161,6 @@ class Bench:
     def stage_streamline(self) -> None:
         for k in self.args.depths:
             for replacement in self.args.replacements:
-                loss = "" if self.args.loss == "mse" else f"-{self.args.loss.replace('+', '')}"
-                key = f"streamline-{replacement}-healed{loss}-k{k}"
-                if self.done(key):
-                    continue
                 sl = StreamlineConfig(
                     remove=k,
                     replacement=replacement,
@@ -173,6 +169,9 @@ class Bench:
                     lm_epochs=self.args.lm_epochs,
                     **({"lr": self.args.lr, "lr_min": min(5e-5, self.args.lr)} if self.args.lr else {}),
                 )
+                key = f"streamline-{replacement}-healed-{streamline_recipe(sl)}-k{k}"
+                if self.done(key):
+                    continue
                 settings = DepthSettings(
                     "streamline", k, nsamples=self.args.nsamples, seqlen=self.args.calib_seqlen, streamline=sl
                 )
@@ -187,6 +186,7 @@ class Bench:
             seqlen=a.domain_seqlen,
             heldout_windows=a.heldout_windows,
             lr=a.trim_lr,
+            trainable_fraction=a.trainable_fraction,
         )
 
     def stage_trimllm(self) -> None:
@@ -195,7 +195,7 @@ class Bench:
                 "domain-full", {"variant": "full (no fine-tuning)", "domain_ppl": self.domain_ppl(self.model)}
             )
         for k in self.args.trim_depths:
-            key = f"trimllm-k{k}"
+            key = f"trimllm-k{k}-{trimllm_recipe(self.trimllm_config(k))}"
             if self.done(key):
                 continue
             settings = DepthSettings(
@@ -215,7 +215,7 @@ class Bench:
     def stage_fullft(self) -> None:
         """The full model fine-tuned exactly like TrimLLM's rounds (same trainable set and steps)."""
         for k in self.args.trim_depths:
-            key = f"domain-full-ft-k{k}"
+            key = f"domain-full-ft-k{k}-{trimllm_recipe(self.trimllm_config(k))}"
             if self.done(key):
                 continue
             config = self.trimllm_config(k)
@@ -247,9 +247,9 @@ class Bench:
         """Batch-1 greedy decode and prefill, through the Hugging Face forward and the server's
         compact Llama forward, for the full model and every saved variant, interleaved."""
         dirs = sorted(p for p in (self.out / "variants").glob("*") if (p / "trimserve.json").is_file())
-        models = {"full": self.model} | {p.name: load_model(p)[0] for p in dirs}
+        models = {"full": self.model} | {p.name: load_model(p, "fp32", self.args.device)[0] for p in dirs}
         torch.manual_seed(0)
-        prompt = torch.randint(3, 40000, (1, self.args.prompt_len))
+        prompt = torch.randint(3, 40000, (1, self.args.prompt_len)).to(self.args.device)
         for model in models.values():  # warm-up: first calls allocate and pick kernels
             for forward in ("hf", "compact"):
                 measure_speed(model, prompt, 2, forward)
@@ -288,11 +288,23 @@ class Bench:
             key = f"fulltest-{best['variant']}"
             if self.done(key):
                 continue
-            model, _ = load_model(self.out / "variants" / best["variant"])
+            model, _ = load_model(self.out / "variants" / best["variant"], "fp32", self.args.device)
             ppl, eval_s = self.wiki_ppl(model, None)
             self.save_row(
                 key, {"variant": best["variant"], "k": k, "ppl_wikitext2_full_test": ppl, "eval_s": round(eval_s, 1)}
             )
+
+
+def streamline_recipe(config: StreamlineConfig) -> str:
+    """How a Streamline replacement was trained, for row keys: e.g. mse8+lm4-lr0.001."""
+    mse, lm = f"mse{config.epochs}", f"lm{config.lm_epochs if config.loss == 'mse+lm' else config.epochs}"
+    loss = {"mse": mse, "lm": lm, "mse+lm": f"{mse}+{lm}"}[config.loss]
+    return f"{loss}-lr{config.lr:g}"
+
+
+def trimllm_recipe(config: TrimLLMConfig) -> str:
+    """TrimLLM's fine-tuning budget for row keys: steps per drop + final steps, lr, trainable share."""
+    return f"s{config.steps_per_round}+{config.final_steps}-lr{config.lr:g}-r{config.trainable_fraction:g}"
 
 
 def layer_params(model) -> int:
@@ -310,22 +322,29 @@ def measure_speed(model, prompt: torch.Tensor, new_tokens: int, forward: str) ->
         runner = LlamaRunner(model, max_slots=1, max_seq=prompt.shape[1] + new_tokens + 1)
         began = time.perf_counter()
         logits = runner.prefill(0, prompt[0].tolist())
-        prefill = time.perf_counter() - began
+        prefill = seconds_since(began, prompt.device)
         token = logits.argmax().view(1)
         began = time.perf_counter()
         for i in range(new_tokens):
-            token = runner.decode(token, torch.tensor([prompt.shape[1] + i])).argmax(-1)
-        return prefill, new_tokens / (time.perf_counter() - began)
+            token = runner.decode(token, torch.tensor([prompt.shape[1] + i], device=prompt.device)).argmax(-1)
+        return prefill, new_tokens / seconds_since(began, prompt.device)
     cache = DynamicCache(config=model.config)
     began = time.perf_counter()
     out = model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - began
+    prefill = seconds_since(began, prompt.device)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     began = time.perf_counter()
     for _ in range(new_tokens):
         out = model(token, cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, new_tokens / (time.perf_counter() - began)
+    return prefill, new_tokens / seconds_since(began, prompt.device)
+
+
+def seconds_since(began: float, device: torch.device) -> float:
+    """Wall seconds since `began`, after the device's queued work is done (CUDA runs async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - began
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -383,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final-steps", type=int, default=0)
     p.add_argument("--heldout-windows", type=int, default=2)
     p.add_argument("--trim-lr", type=float, default=1e-4)
+    p.add_argument("--trainable-fraction", type=float, default=0.25, help="TrimLLM: share of layers that train")
     p.add_argument("--track-windows", type=int, default=2, help="TrimLLM: WikiText-2 windows tracked per drop")
     p.add_argument("--domain-seqlen", type=int, default=512)
     p.add_argument("--domain-windows", type=int, default=32)
@@ -390,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench/out/depth"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (GPU hosts: larger training budgets)")
     p.add_argument("--force", action="store_true", help="recompute cached rows")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

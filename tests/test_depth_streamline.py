@@ -9,8 +9,9 @@ from pruning.artifacts import BaseModelRef, VariantManifest, read_manifest, save
 from pruning.blocks import decoder_layers, run_block
 from pruning.depth.noop import NOOP_KEY, NoOpAttention, ffn_layer, mark_noop_layers
 from pruning.depth.states import depth_states
-from pruning.depth.streamline import StreamlineConfig, streamline, train_mse
+from pruning.depth.streamline import StreamlineConfig, streamline, tail_lm_loss, train_mse
 from pruning.depth.surgery import replace_window
+from pruning.depth.train import lm_loss
 from pruning.models import load_model
 from tests.tiny_models import tiny_llama, tiny_opt
 
@@ -68,6 +69,16 @@ def test_lm_loss_trains_only_the_replacement(loss):
         k for k in before if k.startswith("model.layers.") and int(k.split(".")[2]) < result.start
     ]
     assert not changed & set(untouched)
+
+
+def test_lm_loss_from_cached_states_equals_the_whole_models_loss():
+    model = tiny_llama(layers=6)
+    windows = _calib(n=2)
+    states, kwargs = depth_states(model, windows)
+    replace_window(model, 2, 3, decoder_layers(model)[2])
+    with torch.no_grad():
+        tail = tail_lm_loss(model, 2, states[2], windows, kwargs)
+        torch.testing.assert_close(tail.float(), lm_loss(model, windows), rtol=1e-5, atol=1e-5)
 
 
 def test_ffn_export_loads_through_load_model_with_identical_logits(tmp_path, tokenizer):

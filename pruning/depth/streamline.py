@@ -29,8 +29,9 @@ from transformers import PreTrainedModel
 from pruning.blocks import decoder_layers, run_block
 from pruning.depth.criteria import best_window, window_cosine
 from pruning.depth.noop import check_ffn_support, ffn_layer, mark_noop_layers
+from pruning.depth.states import lm_nll
 from pruning.depth.surgery import remove_layers, replace_window
-from pruning.depth.train import adamw, cosine_lr, freeze_all_but, lm_loss, optimizer_step
+from pruning.depth.train import adamw, cosine_lr, freeze_all_but, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +122,39 @@ def train_mse(
 
 
 def train_lm(
-    model: PreTrainedModel, block: nn.Module, windows: torch.Tensor, config: StreamlineConfig, epochs: int
+    model: PreTrainedModel,
+    start: int,
+    inputs: torch.Tensor,
+    windows: torch.Tensor,
+    kwargs: dict[str, Any],
+    config: StreamlineConfig,
+    epochs: int,
 ) -> list[float]:
-    """Train `block` (already inside `model`) by the LM loss, everything else frozen."""
+    """Train the replacement (layer `start` of the pruned `model`) by the whole model's LM loss on
+    the calibration `windows`, everything else frozen.
+
+    The layers below the replacement are frozen and unchanged, so the cached states entering it
+    (`inputs`, h_start of the windows) stand in for them: a step runs only the replacement, the
+    layers above it and the head. Same loss, without the forward through the layers below.
+    """
+    block = decoder_layers(model)[start]
     freeze_all_but(model, [block])
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        return lm_loss(model, windows[idx].to(model.device))
+        return tail_lm_loss(model, start, inputs[idx], windows[idx], kwargs)
 
     losses = _train(block, len(windows), epochs, config, "streamline lm", loss_of)
     model.requires_grad_(False)
     return losses
+
+
+def tail_lm_loss(
+    model: PreTrainedModel, start: int, hidden: torch.Tensor, ids: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The LM loss of `model` on `ids`, run from `hidden`, the states entering layer `start`."""
+    for layer in decoder_layers(model)[start:]:
+        hidden = run_block(layer, hidden, kwargs)
+    return lm_nll(model, hidden, ids)
 
 
 def _train(
@@ -192,7 +215,7 @@ def streamline(
     replace_window(model, start, config.window, block)
     if "lm" in config.loss:
         lm_epochs = config.epochs if config.loss == "lm" else config.lm_epochs
-        result.lm_losses = train_lm(model, block, windows, config, lm_epochs)
+        result.lm_losses = train_lm(model, start, inputs, windows, kwargs, config, lm_epochs)
     result.train_seconds = time.perf_counter() - began
     result.mse_after = window_mse(block, inputs, targets, kwargs)
     if config.replacement == "ffn":
