@@ -169,7 +169,7 @@ class Bench:
                     lm_epochs=self.args.lm_epochs,
                     **({"lr": self.args.lr, "lr_min": min(5e-5, self.args.lr)} if self.args.lr else {}),
                 )
-                key = f"streamline-{replacement}-healed-{streamline_recipe(sl)}-k{k}"
+                key = f"streamline-{replacement}-healed-{streamline_recipe(sl)}-n{self.args.nsamples}-k{k}"
                 if self.done(key):
                     continue
                 settings = DepthSettings(
