@@ -195,7 +195,8 @@ class Bench:
                 "domain-full", {"variant": "full (no fine-tuning)", "domain_ppl": self.domain_ppl(self.model)}
             )
         for k in self.args.trim_depths:
-            key = f"trimllm-k{k}-{trimllm_recipe(self.trimllm_config(k))}"
+            config = self.trimllm_config(k)
+            key = f"trimllm-k{k}-{trimllm_recipe(config)}"
             if self.done(key):
                 continue
             settings = DepthSettings(
@@ -203,7 +204,7 @@ class Bench:
                 k,
                 domain="pubmedqa-train",
                 seqlen=self.args.domain_seqlen,
-                trimllm=self.trimllm_config(k),
+                trimllm=config,
                 track_windows=self.args.track_windows,
             )
             row, model = self.variant(key, settings, None)
@@ -215,10 +216,10 @@ class Bench:
     def stage_fullft(self) -> None:
         """The full model fine-tuned exactly like TrimLLM's rounds (same trainable set and steps)."""
         for k in self.args.trim_depths:
-            key = f"domain-full-ft-k{k}-{trimllm_recipe(self.trimllm_config(k))}"
+            config = self.trimllm_config(k)
+            key = f"domain-full-ft-k{k}-{trimllm_recipe(config)}"
             if self.done(key):
                 continue
-            config = self.trimllm_config(k)
             model = copy.deepcopy(self.model)
             stream = tokenize_joined(load_texts("pubmedqa-train"), self.tokenizer)
             train, heldout = split_domain(stream, config)
@@ -297,8 +298,11 @@ class Bench:
 
 def streamline_recipe(config: StreamlineConfig) -> str:
     """How a Streamline replacement was trained, for row keys: e.g. mse8+lm4-lr0.001."""
-    mse, lm = f"mse{config.epochs}", f"lm{config.lm_epochs if config.loss == 'mse+lm' else config.epochs}"
-    loss = {"mse": mse, "lm": lm, "mse+lm": f"{mse}+{lm}"}[config.loss]
+    loss = {
+        "mse": f"mse{config.epochs}",
+        "lm": f"lm{config.epochs}",
+        "mse+lm": f"mse{config.epochs}+lm{config.lm_epochs}",
+    }[config.loss]
     return f"{loss}-lr{config.lr:g}"
 
 
