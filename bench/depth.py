@@ -38,7 +38,7 @@ from pruning.data import calibration_windows, eval_windows, load_texts, tokenize
 from pruning.depth.criteria import block_influence
 from pruning.depth.pipeline import Calibration, DepthSettings, prune_depth
 from pruning.depth.states import depth_states
-from pruning.depth.streamline import StreamlineConfig
+from pruning.depth.streamline import LOSSES, StreamlineConfig
 from pruning.depth.train import adamw, freeze_all_but
 from pruning.depth.trimllm import TrimLLMConfig, fine_tune, most_important, split_domain
 from pruning.evaluate import window_nll
@@ -167,6 +167,8 @@ class Bench:
                     loss=self.args.loss,
                     epochs=self.args.epochs,
                     lm_epochs=self.args.lm_epochs,
+                    bf16_autocast=self.args.bf16_autocast,
+                    kd_token_fraction=self.args.kd_token_fraction,
                     **({"lr": self.args.lr, "lr_min": min(5e-5, self.args.lr)} if self.args.lr else {}),
                 )
                 key = f"streamline-{replacement}-healed-{streamline_recipe(sl)}-n{self.args.nsamples}-k{k}"
@@ -301,9 +303,12 @@ def streamline_recipe(config: StreamlineConfig) -> str:
     loss = {
         "mse": f"mse{config.epochs}",
         "lm": f"lm{config.epochs}",
+        "kd": f"kd{config.epochs}",
         "mse+lm": f"mse{config.epochs}+lm{config.lm_epochs}",
+        "mse+kd": f"mse{config.epochs}+kd{config.lm_epochs}",
     }[config.loss]
-    return f"{loss}-lr{config.lr:g}"
+    tokens = f"-t{config.kd_token_fraction:g}" if "kd" in config.loss and config.kd_token_fraction < 1 else ""
+    return f"{loss}{tokens}-lr{config.lr:g}" + ("-bf16" if config.bf16_autocast else "")
 
 
 def trimllm_recipe(config: TrimLLMConfig) -> str:
@@ -398,9 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleb-nsamples", type=int, default=4)
     p.add_argument("--sleb-seqlen", type=int, default=256)
     p.add_argument("--epochs", type=int, default=1, help="Streamline training epochs (MSE)")
-    p.add_argument("--loss", default="mse", choices=["mse", "lm", "mse+lm"], help="Streamline training loss")
-    p.add_argument("--lm-epochs", type=int, default=1, help="Streamline LM-loss epochs after the MSE fit")
+    p.add_argument("--loss", default="mse", choices=LOSSES, help="Streamline training loss")
+    p.add_argument("--lm-epochs", type=int, default=1, help="Streamline LM-loss or KD epochs after the MSE fit")
     p.add_argument("--lr", type=float, default=None, help="Streamline peak lr (default 2e-4)")
+    p.add_argument("--bf16-autocast", action="store_true", help="Streamline: train in bf16 mixed precision")
+    p.add_argument("--kd-token-fraction", type=float, default=1.0, help="Streamline KD: share of positions distilled")
     p.add_argument("--trim-depths", type=int, nargs="+", default=[15])
     p.add_argument("--steps-per-round", type=int, default=10)
     p.add_argument("--final-steps", type=int, default=0)

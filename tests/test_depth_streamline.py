@@ -9,7 +9,7 @@ from pruning.artifacts import BaseModelRef, VariantManifest, read_manifest, save
 from pruning.blocks import decoder_layers, run_block
 from pruning.depth.noop import NOOP_KEY, NoOpAttention, ffn_layer, mark_noop_layers
 from pruning.depth.states import depth_states
-from pruning.depth.streamline import StreamlineConfig, streamline, tail_lm_loss, train_mse
+from pruning.depth.streamline import StreamlineConfig, streamline, tail_kd_loss, tail_lm_loss, train_mse
 from pruning.depth.surgery import replace_window
 from pruning.depth.train import lm_loss
 from pruning.models import load_model
@@ -36,6 +36,19 @@ def test_training_reduces_mse_and_picks_the_most_similar_window(replacement):
         assert getattr(model.config, NOOP_KEY) == [result.start]
 
 
+def test_bf16_autocast_and_sampled_kd_positions_train_fp32_weights():
+    model = tiny_llama(layers=5)
+    windows = _calib()
+    states, kwargs = depth_states(model, windows)
+    config = StreamlineConfig(
+        remove=1, loss="mse+kd", lr=3e-3, lr_min=1e-3, epochs=8, bf16_autocast=True, kd_token_fraction=0.5
+    )
+    result = streamline(model, states, kwargs, config, windows)
+    assert result.mse_fit < 0.8 * result.mse_before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(result.lm_losses) == 4 and all(0 <= loss < 1 for loss in result.lm_losses)
+
+
 def test_training_runs_causally():
     model = tiny_llama(layers=4)
     windows = _calib(n=2)
@@ -52,14 +65,14 @@ def test_training_runs_causally():
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.parametrize("loss", ["lm", "mse+lm"])
+@pytest.mark.parametrize("loss", ["lm", "mse+lm", "mse+kd"])
 def test_lm_loss_trains_only_the_replacement(loss):
     model = tiny_llama(layers=5)
     windows = _calib(n=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     states, kwargs = depth_states(model, windows)
     result = streamline(model, states, kwargs, StreamlineConfig(remove=1, loss=loss, lr=1e-3), windows)
-    assert len(result.lm_losses) == 2 and len(result.losses) == (2 if loss == "mse+lm" else 0)
+    assert len(result.lm_losses) == 2 and len(result.losses) == (0 if loss == "lm" else 2)
     prefix = f"model.layers.{result.start}."
     changed = {k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])}
     # Only the replacement's own weights moved (the rest of the old layer numbering is shifted,
@@ -79,6 +92,25 @@ def test_lm_loss_from_cached_states_equals_the_whole_models_loss():
     with torch.no_grad():
         tail = tail_lm_loss(model, 2, states[2], windows, kwargs)
         torch.testing.assert_close(tail.float(), lm_loss(model, windows), rtol=1e-5, atol=1e-5)
+
+
+def test_kd_loss_matches_a_reference_kl_and_vanishes_for_the_teacher_itself():
+    model = tiny_llama(layers=6)
+    windows = _calib(n=2)
+    states, kwargs = depth_states(model, windows)
+    with torch.no_grad():
+        # the unpruned stack run from h_2 reproduces the teacher: zero divergence
+        assert tail_kd_loss(model, 2, states[2], states[6], kwargs).abs() < 1e-5
+        replace_window(model, 2, 3, decoder_layers(model)[2])
+        got = tail_kd_loss(model, 2, states[2], states[6], kwargs)
+        positions = torch.tensor([0, 5, 11])
+        some = tail_kd_loss(model, 2, states[2], states[6], kwargs, positions)
+        p = model.lm_head(model.model.norm(states[6])).softmax(-1)  # teacher distributions
+        q = model(windows, use_cache=False).logits.softmax(-1)  # the pruned model's
+        reference = (p * (p.log() - q.log())).sum(-1)  # (n, seqlen)
+    torch.testing.assert_close(got, reference.mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(some, reference[:, positions].mean(), rtol=1e-4, atol=1e-6)
+    assert got > 0
 
 
 def test_ffn_export_loads_through_load_model_with_identical_logits(tmp_path, tokenizer):

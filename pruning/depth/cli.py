@@ -39,10 +39,24 @@ def register(prune_sub: argparse._SubParsersAction, add_model_options) -> None:
     depth.add_argument("--method", required=True, choices=METHODS)
     depth.add_argument("--remove", type=int, required=True, metavar="K", help="net number of layers removed")
     depth.add_argument("--replacement", default="layer", choices=REPLACEMENTS, help="streamline block (layer)")
-    depth.add_argument("--loss", default="mse", choices=LOSSES, help="streamline training loss (mse; mse+lm: both)")
+    depth.add_argument(
+        "--loss",
+        default="mse",
+        choices=LOSSES,
+        help="streamline training loss (mse; kd: distil the full model; mse+lm, mse+kd: both in turn)",
+    )
     depth.add_argument("--epochs", type=int, default=1, help="streamline training epochs (1)")
-    depth.add_argument("--lm-epochs", type=int, default=1, help="streamline LM-loss epochs after mse (mse+lm)")
+    depth.add_argument("--lm-epochs", type=int, default=1, help="streamline LM/KD epochs after mse (mse+lm, mse+kd)")
     depth.add_argument("--lr", type=float, default=None, help="learning rate (streamline 2e-4, trimllm 1e-4)")
+    depth.add_argument(
+        "--bf16-autocast", action="store_true", help="streamline: bf16 mixed-precision training (fp32 weights)"
+    )
+    depth.add_argument(
+        "--kd-token-fraction",
+        type=float,
+        default=1.0,
+        help="streamline kd: share of positions distilled per step (1.0; lower runs the head on fewer tokens)",
+    )
     depth.add_argument("--domain", default=None, help="trimllm domain text: source name or .txt/.jsonl path")
     depth.add_argument("--steps-per-round", type=int, default=10, help="trimllm fine-tuning steps per drop (10)")
     depth.add_argument("--final-steps", type=int, default=0, help="trimllm fine-tuning steps after the last drop")
@@ -89,6 +103,8 @@ def settings_from_args(args: argparse.Namespace) -> DepthSettings:
             loss=args.loss,
             epochs=args.epochs,
             lm_epochs=args.lm_epochs,
+            bf16_autocast=args.bf16_autocast,
+            kd_token_fraction=args.kd_token_fraction,
             seed=args.seed,
             **extra,
         )

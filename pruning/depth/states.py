@@ -49,13 +49,17 @@ def run_stack(
     return torch.cat(out)
 
 
+def next_token_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits from last-layer states (before the final norm)."""
+    head = model.get_output_embeddings()
+    return head(final_norm(model)(hidden.to(head.weight.dtype))).float()
+
+
 def lm_nll(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL from last-layer states (n, seqlen, hidden) and their token ids (n, seqlen)."""
-    head = model.get_output_embeddings()
-    norm = final_norm(model)
     total = torch.zeros((), dtype=torch.float64)
     for h, row in zip(hidden, ids, strict=True):
-        logits = head(norm(h[:-1].to(head.weight.dtype))).float()  # (seqlen-1, vocab)
+        logits = next_token_logits(model, h[:-1])  # (seqlen-1, vocab)
         total += F.cross_entropy(logits, row[1:].to(logits.device), reduction="sum").double().cpu()
     return total / (ids.shape[0] * (ids.shape[1] - 1))
 

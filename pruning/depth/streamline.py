@@ -9,6 +9,10 @@
    hidden states, run with the model's causal attention (the released code omitted the mask), or
    the LM loss of the whole pruned model with everything else frozen, or both in turn ("mse+lm":
    a cheap MSE fit, then LM-loss epochs). AdamW, cosine lr, seeded.
+   Our addition, "kd"/"mse+kd": instead of the LM loss on the calibration tokens, distil the
+   unpruned model's next-token distributions (KL divergence). The teacher's final states are
+   already cached (h_L), so the teacher costs one head forward per step, and every vocabulary
+   entry carries signal instead of one target token.
 """
 
 from __future__ import annotations
@@ -29,27 +33,31 @@ from transformers import PreTrainedModel
 from pruning.blocks import decoder_layers, run_block
 from pruning.depth.criteria import best_window, window_cosine
 from pruning.depth.noop import check_ffn_support, ffn_layer, mark_noop_layers
-from pruning.depth.states import lm_nll
+from pruning.depth.states import lm_nll, next_token_logits
 from pruning.depth.surgery import remove_layers, replace_window
 from pruning.depth.train import adamw, cosine_lr, freeze_all_but, optimizer_step
 
 log = logging.getLogger(__name__)
 
 REPLACEMENTS = ("layer", "ffn", "none")
-LOSSES = ("mse", "lm", "mse+lm")
+LOSSES = ("mse", "lm", "kd", "mse+lm", "mse+kd")
 
 
 @dataclass(frozen=True)
 class StreamlineConfig:
     remove: int  # net layers removed: a window of remove+1 layers becomes one block
     replacement: str = "layer"  # layer | ffn | none
-    loss: str = "mse"  # mse | lm | mse+lm
+    loss: str = "mse"  # mse | lm | kd | mse+lm | mse+kd
     lr: float = 2e-4
     lr_min: float = 5e-5
     weight_decay: float = 1e-3
-    epochs: int = 1  # MSE epochs (or LM epochs with loss="lm")
-    lm_epochs: int = 1  # LM-loss epochs after the MSE fit, with loss="mse+lm"
+    epochs: int = 1  # MSE epochs (or LM/KD epochs with loss="lm"/"kd")
+    lm_epochs: int = 1  # LM-loss or KD epochs after the MSE fit, with loss="mse+lm"/"mse+kd"
     batch_size: int = 1
+    bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer
+    # KD: share of positions (seeded random, per step) whose distributions are distilled; the
+    # layers still run every token, but the head (49k-entry softmaxes) runs only on these
+    kd_token_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,6 +69,8 @@ class StreamlineConfig:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if not 0 < self.lr_min <= self.lr:
             raise ValueError(f"need 0 < lr_min <= lr (got {self.lr_min}, {self.lr})")
+        if not 0 < self.kd_token_fraction <= 1:
+            raise ValueError(f"kd_token_fraction must be in (0, 1] (got {self.kd_token_fraction})")
         if min(self.epochs, self.lm_epochs, self.batch_size) < 1:
             raise ValueError("epochs, lm_epochs and batch_size must be at least 1")
 
@@ -83,7 +93,7 @@ class StreamlineResult:
     window: int
     scores: list[float]  # window cosine per start
     losses: list[float] = field(default_factory=list)  # per MSE training step
-    lm_losses: list[float] = field(default_factory=list)  # per LM-loss training step
+    lm_losses: list[float] = field(default_factory=list)  # per LM-loss (or KD) training step
     mse_fit: float | None = None  # calibration MSE right after the MSE fit
     mse_before: float | None = None  # calibration MSE of the untrained replacement
     mse_after: float | None = None
@@ -121,17 +131,20 @@ def train_mse(
     return losses
 
 
-def train_lm(
+def train_tail(
     model: PreTrainedModel,
     start: int,
     inputs: torch.Tensor,
-    windows: torch.Tensor,
+    windows: torch.Tensor | None,
     kwargs: dict[str, Any],
     config: StreamlineConfig,
     epochs: int,
+    teacher: torch.Tensor | None = None,
 ) -> list[float]:
-    """Train the replacement (layer `start` of the pruned `model`) by the whole model's LM loss on
-    the calibration `windows`, everything else frozen.
+    """Train the replacement (layer `start` of the pruned `model`) through the layers above it and
+    the head, everything else frozen: by the whole model's LM loss on the calibration `windows`,
+    or, given `teacher` (the unpruned model's final states h_L of the same windows), by the KL
+    divergence from its next-token distributions.
 
     The layers below the replacement are frozen and unchanged, so the cached states entering it
     (`inputs`, h_start of the windows) stand in for them: a step runs only the replacement, the
@@ -139,11 +152,18 @@ def train_lm(
     """
     block = decoder_layers(model)[start]
     freeze_all_but(model, [block])
+    seqlen = inputs.shape[1]
+    scored = max(1, round(config.kd_token_fraction * seqlen))
+    gen = torch.Generator().manual_seed(config.seed + 1)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        return tail_lm_loss(model, start, inputs[idx], windows[idx], kwargs)
+        if teacher is None:
+            return tail_lm_loss(model, start, inputs[idx], windows[idx], kwargs)
+        positions = torch.randperm(seqlen, generator=gen)[:scored] if scored < seqlen else None
+        return tail_kd_loss(model, start, inputs[idx], teacher[idx], kwargs, positions)
 
-    losses = _train(block, len(windows), epochs, config, "streamline lm", loss_of)
+    desc = "streamline lm" if teacher is None else "streamline kd"
+    losses = _train(block, len(inputs), epochs, config, desc, loss_of)
     model.requires_grad_(False)
     return losses
 
@@ -152,9 +172,34 @@ def tail_lm_loss(
     model: PreTrainedModel, start: int, hidden: torch.Tensor, ids: torch.Tensor, kwargs: dict[str, Any]
 ) -> torch.Tensor:
     """The LM loss of `model` on `ids`, run from `hidden`, the states entering layer `start`."""
+    return lm_nll(model, run_tail(model, start, hidden, kwargs), ids)
+
+
+def tail_kd_loss(
+    model: PreTrainedModel,
+    start: int,
+    hidden: torch.Tensor,
+    teacher: torch.Tensor,
+    kwargs: dict[str, Any],
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean per-token KL(teacher || model) of the next-token distributions, run from `hidden`, the
+    states entering layer `start`; `teacher`: the unpruned model's final states (before the norm).
+    `positions`: score only these sequence positions (all by default)."""
+    final = run_tail(model, start, hidden, kwargs)
+    if positions is not None:
+        final, teacher = final[:, positions], teacher[:, positions]
+    with torch.no_grad():
+        target = F.log_softmax(next_token_logits(model, teacher), dim=-1)
+    student = F.log_softmax(next_token_logits(model, final), dim=-1)
+    return F.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def run_tail(model: PreTrainedModel, start: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run layers `start`.. of `model` from `hidden` (with gradients, unlike `states.run_stack`)."""
     for layer in decoder_layers(model)[start:]:
         hidden = run_block(layer, hidden, kwargs)
-    return lm_nll(model, hidden, ids)
+    return hidden
 
 
 def _train(
@@ -167,6 +212,7 @@ def _train(
 ) -> list[float]:
     """AdamW on `block` over `epochs` seeded shuffles of n examples, cosine lr; `loss_of(indices)`."""
     opt = adamw(block.parameters(), config.lr, config.weight_decay)
+    device = next(block.parameters()).device.type
     gen = torch.Generator().manual_seed(config.seed)
     total = -(-n // config.batch_size) * epochs
     losses: list[float] = []
@@ -176,7 +222,9 @@ def _train(
         for i in range(0, n, config.batch_size):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(len(losses), total, config.lr, config.lr_min)
-            losses.append(optimizer_step(opt, loss_of(order[i : i + config.batch_size])))
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=config.bf16_autocast):
+                loss = loss_of(order[i : i + config.batch_size])
+            losses.append(optimizer_step(opt, loss))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             bar.update()
     bar.close()
@@ -195,7 +243,7 @@ def streamline(
     config.check(num_layers)
     if config.replacement == "ffn":
         check_ffn_support(model)
-    if "lm" in config.loss and config.replacement != "none" and windows is None:
+    if config.loss in ("lm", "mse+lm") and config.replacement != "none" and windows is None:
         raise ValueError("the LM loss needs the calibration token windows")
     scores = window_cosine(states, config.window)
     start = best_window(scores, highest=True)
@@ -213,9 +261,10 @@ def streamline(
         result.losses = train_mse(block, inputs, targets, kwargs, config)
         result.mse_fit = window_mse(block, inputs, targets, kwargs)
     replace_window(model, start, config.window, block)
-    if "lm" in config.loss:
-        lm_epochs = config.epochs if config.loss == "lm" else config.lm_epochs
-        result.lm_losses = train_lm(model, start, inputs, windows, kwargs, config, lm_epochs)
+    if config.loss != "mse":
+        epochs = config.epochs if config.loss in ("lm", "kd") else config.lm_epochs
+        teacher = states[num_layers] if config.loss.endswith("kd") else None
+        result.lm_losses = train_tail(model, start, inputs, windows, kwargs, config, epochs, teacher)
     result.train_seconds = time.perf_counter() - began
     result.mse_after = window_mse(block, inputs, targets, kwargs)
     if config.replacement == "ffn":
