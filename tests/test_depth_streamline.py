@@ -66,7 +66,7 @@ def test_training_runs_causally():
 
 
 @pytest.mark.parametrize("loss", ["lm", "mse+lm", "mse+kd"])
-def test_lm_loss_trains_only_the_replacement(loss):
+def test_tail_training_trains_only_the_replacement(loss):
     model = tiny_llama(layers=5)
     windows = _calib(n=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -136,6 +136,10 @@ def test_bad_streamline_inputs():
         StreamlineConfig(remove=0)
     with pytest.raises(ValueError, match="replacement"):
         StreamlineConfig(remove=1, replacement="mlp")
+    with pytest.raises(ValueError, match="kd losses only"):
+        StreamlineConfig(remove=1, loss="mse+lm", kd_token_fraction=0.5)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        StreamlineConfig(remove=1, loss="kd", kd_token_fraction=0)
     model = tiny_llama(layers=4)
     states, kwargs = depth_states(model, _calib(n=1))
     with pytest.raises(ValueError, match="window of 4"):

@@ -71,6 +71,8 @@ class StreamlineConfig:
             raise ValueError(f"need 0 < lr_min <= lr (got {self.lr_min}, {self.lr})")
         if not 0 < self.kd_token_fraction <= 1:
             raise ValueError(f"kd_token_fraction must be in (0, 1] (got {self.kd_token_fraction})")
+        if self.kd_token_fraction < 1 and not self.loss.endswith("kd"):
+            raise ValueError(f"kd_token_fraction applies to the kd losses only (loss is {self.loss!r})")
         if min(self.epochs, self.lm_epochs, self.batch_size) < 1:
             raise ValueError("epochs, lm_epochs and batch_size must be at least 1")
 
