@@ -300,14 +300,10 @@ class Bench:
 
 def streamline_recipe(config: StreamlineConfig) -> str:
     """How a Streamline replacement was trained, for row keys: e.g. mse8+lm4-lr0.001."""
-    loss = {
-        "mse": f"mse{config.epochs}",
-        "lm": f"lm{config.epochs}",
-        "kd": f"kd{config.epochs}",
-        "mse+lm": f"mse{config.epochs}+lm{config.lm_epochs}",
-        "mse+kd": f"mse{config.epochs}+kd{config.lm_epochs}",
-    }[config.loss]
-    tokens = f"-t{config.kd_token_fraction:g}" if "kd" in config.loss and config.kd_token_fraction < 1 else ""
+    phases = [f"mse{config.epochs}"] if config.fits_mse else []
+    phases += [f"{config.tail_loss}{config.tail_epochs}"] if config.tail_loss else []
+    loss = "+".join(phases)
+    tokens = f"-t{config.kd_token_fraction:g}" if config.kd_token_fraction < 1 else ""
     return f"{loss}{tokens}-lr{config.lr:g}" + ("-bf16" if config.bf16_autocast else "")
 
 

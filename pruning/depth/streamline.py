@@ -71,10 +71,24 @@ class StreamlineConfig:
             raise ValueError(f"need 0 < lr_min <= lr (got {self.lr_min}, {self.lr})")
         if not 0 < self.kd_token_fraction <= 1:
             raise ValueError(f"kd_token_fraction must be in (0, 1] (got {self.kd_token_fraction})")
-        if self.kd_token_fraction < 1 and not self.loss.endswith("kd"):
+        if self.kd_token_fraction < 1 and self.tail_loss != "kd":
             raise ValueError(f"kd_token_fraction applies to the kd losses only (loss is {self.loss!r})")
         if min(self.epochs, self.lm_epochs, self.batch_size) < 1:
             raise ValueError("epochs, lm_epochs and batch_size must be at least 1")
+
+    @property
+    def fits_mse(self) -> bool:
+        """Whether training starts with the MSE fit of the window's output."""
+        return self.loss.startswith("mse")
+
+    @property
+    def tail_loss(self) -> str | None:
+        """The loss trained through the layers above the replacement: "lm", "kd" or None (MSE only)."""
+        return None if self.loss == "mse" else self.loss.rpartition("+")[2]
+
+    @property
+    def tail_epochs(self) -> int:
+        return self.lm_epochs if self.fits_mse else self.epochs
 
     @property
     def window(self) -> int:
@@ -245,7 +259,7 @@ def streamline(
     config.check(num_layers)
     if config.replacement == "ffn":
         check_ffn_support(model)
-    if config.loss in ("lm", "mse+lm") and config.replacement != "none" and windows is None:
+    if config.tail_loss == "lm" and config.replacement != "none" and windows is None:
         raise ValueError("the LM loss needs the calibration token windows")
     scores = window_cosine(states, config.window)
     start = best_window(scores, highest=True)
@@ -259,14 +273,13 @@ def streamline(
     inputs, targets = states[start], states[start + config.window]
     result.mse_before = window_mse(block, inputs, targets, kwargs)
     began = time.perf_counter()
-    if "mse" in config.loss:
+    if config.fits_mse:
         result.losses = train_mse(block, inputs, targets, kwargs, config)
         result.mse_fit = window_mse(block, inputs, targets, kwargs)
     replace_window(model, start, config.window, block)
-    if config.loss != "mse":
-        epochs = config.epochs if config.loss in ("lm", "kd") else config.lm_epochs
-        teacher = states[num_layers] if config.loss.endswith("kd") else None
-        result.lm_losses = train_tail(model, start, inputs, windows, kwargs, config, epochs, teacher)
+    if config.tail_loss:
+        teacher = states[num_layers] if config.tail_loss == "kd" else None
+        result.lm_losses = train_tail(model, start, inputs, windows, kwargs, config, config.tail_epochs, teacher)
     result.train_seconds = time.perf_counter() - began
     result.mse_after = window_mse(block, inputs, targets, kwargs)
     if config.replacement == "ffn":
