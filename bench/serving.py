@@ -4,8 +4,10 @@ For each dtype: (1) the memory-bandwidth floor (weight bytes / measured read ban
 `model.generate` at batch 1 on the same prompts, model and dtype, (3) `trimserve serve` under
 workload (a) concurrency 1, 16 requests and (b) concurrency 8, 32 requests, ~128-token prompts,
 64 greedy tokens with EOS ignored. For the first dtype also (4) a soak: 64 concurrent clients for
-2 minutes plus bursts of malformed requests, checking for zero 5xx, every answer matching its own
-prompt, and the server still ready afterwards.
+2 minutes of mixed traffic (prompts of 16 to 1,500 tokens, 1 to 512 output tokens, a tenth of the
+clients dropping their stream midway) plus bursts of malformed requests, checking for zero 5xx,
+zero hung requests, every complete answer matching its own prompt, the running and waiting gauges
+back at 0, `/ready` 200 and the RSS within 10% of its value after warm-up.
 
     flock /tmp/trimserve-heavy.lock .venv/bin/python bench/serving.py --out bench/out/serving
 """
@@ -17,8 +19,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
-import platform
 import signal
 import socket
 import subprocess
@@ -30,21 +30,13 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import TIE_LOGITS, greedy_margin, machine
 
 from pruning.models import load_model
-from service.loadgen import LoadConfig, RequestResult, make_prompt, markdown, run_bench
+from service.loadgen import LoadConfig, RequestResult, make_prompt, markdown, prompt_of, run_bench
 
 log = logging.getLogger("bench.serving")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def read_bandwidth_gbps(mb: int = 1024, repeats: int = 5) -> float:
@@ -155,27 +147,8 @@ async def malformed_bursts(url: str, bursts: int, per_burst: int, gap_s: float) 
     return statuses
 
 
-# A soak answer that differs from the concurrency-1 answer to its prompt still counts as correct when
-# every token it chose was the greedy choice up to this logit gap: batched matrix products round
-# differently from batch-1 ones (oneDNN picks other kernels), which flips near-ties.
-TIE_LOGITS = 0.25
-
-
-@torch.inference_mode()
-def greedy_margin(model, tokenizer, prompt: str, text: str) -> float | None:
-    """Largest gap, over `text`'s tokens teacher-forced after `prompt`, between the best logit and the
-    logit of the token `text` has; None if `text` does not re-tokenize into the same string."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids or tokenizer.decode(ids) != text:
-        return None
-    logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1].float()
-    chosen = logits.gather(1, torch.tensor(ids)[:, None])[:, 0]
-    return float((logits.max(-1).values - chosen).max())
-
-
 def check_answers(
-    results: list[RequestResult], reference: dict[int, RequestResult], dtype: str, prompt_tokens: int, seed: int
+    results: list[RequestResult], reference: dict[int, RequestResult], dtype: str, config: LoadConfig
 ) -> dict:
     """Each soak answer against its own prompt: identical to the concurrency-1 answer, or else (checked
     with the model, teacher-forced) greedy up to rounding ties; anything else is wrong, and `mixed_up`
@@ -194,7 +167,7 @@ def check_answers(
             continue
         key = (r.prompt_index, r.text)
         if key not in margins:
-            margins[key] = greedy_margin(model, tokenizer, make_prompt(r.prompt_index, prompt_tokens, seed), r.text)
+            margins[key] = greedy_margin(model, tokenizer, prompt_of(config, r.prompt_index), r.text)
         if margins[key] is not None and margins[key] <= TIE_LOGITS:
             ties += 1
         else:
@@ -211,21 +184,38 @@ def check_answers(
     }
 
 
+def gauge_total(url: str, name: str) -> float:
+    """The sum over variants of one `trimserve_requests_<name>` gauge."""
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(f"trimserve_requests_{name}{{"))
+
+
+def gauges_settled(url: str, timeout_s: float = 30.0) -> dict[str, float]:
+    """The running and waiting gauges once both read 0 (or whatever they read after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = {name: gauge_total(url, name) for name in ("running", "waiting")}
+        if not any(values.values()) or time.monotonic() > deadline:
+            return values
+        time.sleep(0.5)
+
+
 def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> dict:
-    pool, tokens, prompt_tokens, seed = 16, 16, 64, 7
-    ref_config = LoadConfig(
-        url=url, requests=pool, prompt_pool=pool, output_tokens=tokens, prompt_tokens=prompt_tokens, seed=seed
-    )
-    _, ref_results = run_bench(ref_config)
+    pool, seed = 24, 7
+    shape = {"prompt_tokens": 16, "prompt_tokens_max": 1500, "output_tokens": 1, "output_tokens_max": 512}
+    ref_config = LoadConfig(url=url, requests=pool, prompt_pool=pool, seed=seed, timeout_s=600, **shape)
+    _, ref_results = run_bench(ref_config)  # concurrency 1: each prompt's own answer, and the warm-up
     reference = {r.prompt_index: r for r in ref_results}
+    rss_warm = rss_mb(url)
     config = LoadConfig(
         url=url,
         concurrency=clients,
         duration_s=duration_s,
         prompt_pool=pool,
-        output_tokens=tokens,
-        prompt_tokens=prompt_tokens,
         seed=seed,
+        disconnect_share=0.1,
+        timeout_s=180,
+        **shape,
     )
 
     async def both():
@@ -235,16 +225,24 @@ def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> di
     (summary, results), malformed = asyncio.run(both())
     (out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
     statuses = Counter(r.status for r in results)
+    gauges = gauges_settled(url)
     ready = httpx.get(f"{url}/ready", timeout=10).status_code
+    rss_after = rss_mb(url)
     return {
         "requests": len(results),
         "statuses": dict(statuses),
-        "errors": [f"{r.status} {r.error[:120]}" for r in results if not r.ok][:10],
+        "disconnected": sum(r.disconnected for r in results),
+        "hung": sum(r.hung for r in results),
+        "errors": [f"{r.status} {r.error[:120]}" for r in results if not r.ok and not r.disconnected][:10],
         "server_errors": sum(1 for r in results if r.status >= 500)
         + sum(n for k, n in malformed.items() if k.rsplit(": ", 1)[1].startswith("5")),
         "malformed": dict(malformed),
-        "answers": check_answers(results, reference, dtype, prompt_tokens, seed),
+        "answers": check_answers(results, reference, dtype, config),
+        "gauges_after": gauges,
         "ready_after": ready,
+        "rss_mb_after_warm_up": rss_warm,
+        "rss_mb_after": rss_after,
+        "rss_growth": rss_after / rss_warm - 1,
         "output_tokens_per_s": summary["variants"]["full"]["output_tokens_per_s"],
     }
 

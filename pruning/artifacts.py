@@ -92,6 +92,17 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
+# Files a loader could take weights from: a variant lists every one it holds, in its manifest.
+WEIGHT_SUFFIXES = frozenset(
+    {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".gguf", ".npz", ".npy"}
+)
+
+
+def weight_like_files(directory: Path) -> list[Path]:
+    """Every file beside the config that holds, or could hold, weights (pickles included)."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
 def weights_sha256(source: str | Path) -> str | None:
     """sha256 of a checkpoint's weights (one file: its hash; shards: hash of their hashes)."""
     path = Path(source)
@@ -158,7 +169,7 @@ def verify_variant(directory: str | Path) -> VariantManifest:
     """Check every weight file against the manifest's sha256; raise VariantError on mismatch."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    on_disk = {f.name for f in weight_files(directory)}
+    on_disk = {f.name for f in weight_like_files(directory)}
     if not manifest.files:
         raise VariantError(f"{directory}: manifest lists no weight files")
     if extra := on_disk - set(manifest.files):

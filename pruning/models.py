@@ -179,7 +179,8 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     target = resolve_device(device)
     source = resolve_model(spec)
-    if verify and (Path(source) / MANIFEST).is_file():
+    variant = (Path(source) / MANIFEST).is_file()
+    if verify and variant:
         verify_variant(source)
     try:
         if source.endswith(".gguf"):
@@ -188,8 +189,8 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(source)
             if has_noop_layers(source):  # a depth variant with FFN replacement blocks
                 model = load_noop_checkpoint(source, torch_dtype)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            else:  # a variant is only ever read from safetensors, whatever else lies beside it
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=variant or None)
     except OSError as err:  # hub unreachable, repo missing, ...
         raise ModelLoadError(f"could not load {spec!r}: {err}") from err
     model.to(target).eval()

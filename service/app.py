@@ -32,6 +32,15 @@ def llm_engine(loaded: LoadedModel, config: EngineConfig, metrics: Metrics) -> M
     return LLMEngine(loaded.name, loaded.model, loaded.tokenizer, config, metrics)
 
 
+async def drain(state: ServerState) -> None:
+    """Stop taking requests (/ready 503), give in-flight ones up to SHUTDOWN_TIMEOUT_S, then end the rest."""
+    if state.ready:
+        log.info("shutting down: finishing in-flight requests (up to %g s)", state.settings.shutdown_timeout_s)
+    state.ready = False
+    timeout = state.settings.shutdown_timeout_s
+    await asyncio.gather(*(v.engine.shutdown(timeout) for v in state.variants.values()))
+
+
 def create_app(
     settings: Settings,
     *,
@@ -47,21 +56,17 @@ def create_app(
         specs, ab = model_specs(settings) if loaded is None else ([], dict(settings.ab))
         models_ = loaded if loaded is not None else await run_async("cpu", lambda: load_all(specs))
         state.experiments = experiments_from(ab, {m.name for m in models_})
-        started: list[ManagedEngine] = []
         try:
             for model in models_:
                 record_load(model, state.metrics)
                 engine = engine_factory(model, settings.engine_config(), state.metrics)
-                await engine.start()
-                started.append(engine)
                 state.variants[model.name] = Variant(model.name, engine, model)
+                await engine.start()
             state.ready = True
             log.info("ready: variants %s, experiments %s", list(state.variants), list(state.experiments))
             yield
         finally:
-            state.ready = False
-            log.info("shutting down: finishing in-flight requests (up to %g s)", settings.shutdown_timeout_s)
-            await asyncio.gather(*(e.shutdown(settings.shutdown_timeout_s) for e in started))
+            await drain(state)  # a no-op wait when the server drained already (service.http_server)
 
     app = FastAPI(
         title="trimserve",

@@ -90,11 +90,11 @@ def serve_settings(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
+    from service import http_server
     from service.ab import experiments_from
-    from service.app import create_app
+    from service.app import create_app, drain
     from service.registry import model_specs
 
     try:
@@ -109,14 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A host shared with other CPU-heavy processes may do better with fewer intra-op threads.
         torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
-        log_level="info",
+    server = http_server.Server(
+        http_server.config(app, settings.host, settings.port), drain=lambda: drain(app.state.trimserve)
     )
-    uvicorn.Server(config).run()
+    server.run()
     return 0
 
 

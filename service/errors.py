@@ -11,7 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.engine.types import EngineDead, EngineError, InvalidRequest, Overloaded, RequestTimeout
+from service.engine.types import (
+    EngineDead,
+    EngineError,
+    GenerationError,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+)
 from service.protocol import ErrorBody, ErrorResponse, UnsupportedField
 
 log = logging.getLogger(__name__)
@@ -67,7 +74,7 @@ def from_exception(err: Exception, retry_after_s: float = 1.0) -> APIError:
     if isinstance(err, UnsupportedField):
         return APIError(400, str(err), err.param, "unsupported_value")
     if isinstance(err, InvalidRequest):
-        return APIError(400, str(err), None, "invalid_value")
+        return APIError(400, str(err), err.param, "invalid_value")
     if isinstance(err, Overloaded):
         seconds = str(max(1, math.ceil(err.retry_after or retry_after_s)))
         return APIError(429, str(err) or "server overloaded", None, "overloaded", {"Retry-After": seconds})
@@ -75,6 +82,8 @@ def from_exception(err: Exception, retry_after_s: float = 1.0) -> APIError:
         return APIError(504, str(err) or "request timed out", None, "timeout")
     if isinstance(err, EngineDead):
         return APIError(503, str(err) or "engine unavailable", None, "engine_unavailable")
+    if isinstance(err, GenerationError):
+        return APIError(500, str(err), None, "generation_failed")
     if isinstance(err, EngineError):
         return APIError(500, f"engine error: {err}", None, "engine_error")
     log.exception("unhandled error", exc_info=err)
@@ -110,6 +119,13 @@ def install_handlers(app: FastAPI, retry_after_s: float = 1.0) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()
+
+    # Expected errors get handlers of their own: Starlette re-raises whatever reaches the catch-all
+    # `Exception` handler after answering, which logs a traceback and drops the connection.
+    @app.exception_handler(EngineError)
+    @app.exception_handler(UnsupportedField)
+    async def _expected(_: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc, retry_after_s).response()
 
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> JSONResponse:

@@ -143,10 +143,21 @@ class LoadConfig:
     timeout_s: float = 300.0
     seed: int = 0
     prompt_pool: int = 0  # >0: reuse this many distinct prompts (to check answers); 0: every prompt unique
+    # Mixed traffic: with a maximum set, each prompt's length (and each request's output length) is
+    # drawn from [prompt_tokens, prompt_tokens_max] (log-uniform, so short ones dominate), seeded per prompt.
+    prompt_tokens_max: int | None = None
+    output_tokens_max: int | None = None
+    disconnect_share: float = 0.0  # this share of requests drops its stream after a few chunks
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.requests < 1 or self.prompt_tokens < 4 or self.output_tokens < 1:
             raise ValueError("concurrency, requests, output_tokens must be >= 1 and prompt_tokens >= 4")
+        if (self.prompt_tokens_max or self.prompt_tokens) < self.prompt_tokens or (
+            self.output_tokens_max or self.output_tokens
+        ) < self.output_tokens:
+            raise ValueError("prompt_tokens_max and output_tokens_max must not be below their minimum")
+        if not 0 <= self.disconnect_share <= 1:
+            raise ValueError("disconnect_share must be in [0, 1]")
         if self.rate is not None and self.rate <= 0:
             raise ValueError("rate must be > 0 requests/s")
         if self.duration_s is not None and self.duration_s <= 0:
@@ -169,6 +180,8 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     text: str = ""
+    disconnected: bool = False  # the client dropped the stream on purpose (LoadConfig.disconnect_share)
+    hung: bool = False  # no complete answer before the client's timeout
     events: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -183,14 +196,37 @@ def make_prompt(index: int, tokens: int, seed: int = 0) -> str:
     return f"Request {index}: " + " ".join(words)
 
 
+def _log_uniform(rng: random.Random, low: int, high: int) -> int:
+    return min(high, round(low * (high / low) ** rng.random())) if high > low else low
+
+
+def request_shape(config: LoadConfig, prompt_index: int) -> tuple[int, int]:
+    """(prompt tokens, output tokens) of a prompt: fixed, or drawn for mixed traffic (same per prompt)."""
+    rng = random.Random(config.seed * 7_919 + prompt_index)
+    prompt = _log_uniform(rng, config.prompt_tokens, config.prompt_tokens_max or config.prompt_tokens)
+    output = _log_uniform(rng, config.output_tokens, config.output_tokens_max or config.output_tokens)
+    return prompt, output
+
+
+def prompt_of(config: LoadConfig, prompt_index: int) -> str:
+    return make_prompt(prompt_index, request_shape(config, prompt_index)[0], config.seed)
+
+
+def disconnect_after(config: LoadConfig, index: int) -> int | None:
+    """Text chunks request `index` reads before dropping its stream, or None (reads to the end)."""
+    rng = random.Random(config.seed * 104_729 + index)
+    return rng.randint(1, 8) if rng.random() < config.disconnect_share else None
+
+
 async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) -> RequestResult:
     prompt_index = index % config.prompt_pool if config.prompt_pool else index
     model = config.models[index % len(config.models)]
     result = RequestResult(index=index, prompt_index=prompt_index, model=model)
+    drop_after = disconnect_after(config, index)
     body = {
         "model": model,
-        "prompt": make_prompt(prompt_index, config.prompt_tokens, config.seed),
-        "max_tokens": config.output_tokens,
+        "prompt": prompt_of(config, prompt_index),
+        "max_tokens": request_shape(config, prompt_index)[1],
         "temperature": config.temperature,
         "ignore_eos": config.ignore_eos,
         "stream": True,
@@ -225,11 +261,17 @@ async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) ->
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
+                if drop_after is not None and sum(1 for p in pieces if p) >= drop_after:
+                    result.disconnected = True
+                    break  # leaving the block closes the connection: the server sees the client go
         result.e2e_s = time.perf_counter() - start
         result.text = "".join(pieces)
         result.ok = done and not result.error and result.output_tokens > 0
-        if not result.ok and not result.error:
+        if not result.ok and not result.error and not result.disconnected:
             result.error = "stream ended without [DONE] or usage"
+    except httpx.TimeoutException as err:
+        result.hung = True
+        result.error = f"{type(err).__name__}: no answer within {config.timeout_s:g} s"
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         result.error = f"{type(err).__name__}: {err}"
     return result
@@ -289,6 +331,7 @@ def summarize(config: LoadConfig, results: list[RequestResult], started: datetim
     for name in sorted({r.variant or r.model for r in results}):
         mine = [r for r in results if (r.variant or r.model) == name]
         good = [r for r in mine if r.ok]
+        dropped = sum(r.disconnected for r in mine)
         tokens = sum(r.output_tokens for r in good)
         samples = {
             "ttft_s": [r.ttft_s for r in good],
@@ -297,7 +340,9 @@ def summarize(config: LoadConfig, results: list[RequestResult], started: datetim
         }
         variants[name] = {
             "requests": len(mine),
-            "errors": len(mine) - len(good),
+            "errors": len(mine) - len(good) - dropped,
+            "disconnected": dropped,
+            "hung": sum(r.hung for r in mine),
             "output_tokens": tokens,
             "output_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "ttft_s": _stats(samples["ttft_s"]),

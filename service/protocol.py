@@ -50,13 +50,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def invalid_text(value: Any, path: str = "") -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON can escape but no tokenizer can encode), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        found = invalid_text(key, path or "body") if isinstance(key, str) else None
+        found = found or invalid_text(item, where)
+        if found is not None:
+            return found
+    return None
+
+
 class SamplingRequest(OpenAIBase):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions.
+
+    Sampling values (max_tokens, temperature, top_p, seed) are checked in one place, where the
+    request enters its backend (`service.engine.types.check_sampling`), not here.
+    """
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1)
@@ -70,7 +93,11 @@ class SamplingRequest(OpenAIBase):
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
-        """Raise UnsupportedField for values trimserve would otherwise silently ignore."""
+        """Raise UnsupportedField for values trimserve would otherwise silently ignore or cannot read."""
+        bad = invalid_text(self.model_dump(exclude_none=True))
+        if bad is not None:
+            param = bad.split(".")[0]
+            raise UnsupportedField(param, f"{bad}: text is not valid Unicode (it holds a lone surrogate)")
         if self.n != 1:
             raise UnsupportedField("n", f"n={self.n} is not supported; trimserve returns one choice (n=1)")
         if self.presence_penalty or self.frequency_penalty:
@@ -108,7 +135,7 @@ class SamplingRequest(OpenAIBase):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def check_supported(self) -> None:
@@ -126,7 +153,7 @@ class CompletionRequest(SamplingRequest):
         if isinstance(prompt, str):
             return prompt
         if not prompt:
-            raise UnsupportedField("prompt", "prompt must not be empty")
+            raise UnsupportedField("prompt", "the prompt is empty")
         if all(isinstance(p, int) for p in prompt):
             return list(prompt)  # type: ignore[arg-type]
         if len(prompt) != 1:
@@ -154,7 +181,7 @@ class ChatMessage(OpenAIBase):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 

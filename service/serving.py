@@ -189,18 +189,6 @@ def sse(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
-def check_limits(state: ServerState, prompt_ids: list[int], params: SamplingParams, prompt_field: str) -> None:
-    settings = state.settings
-    if params.max_tokens > settings.max_tokens:
-        raise APIError(400, f"max_tokens is {params.max_tokens}; at most {settings.max_tokens}", "max_tokens")
-    if not prompt_ids:
-        raise APIError(400, "the prompt is empty", prompt_field)
-    if len(prompt_ids) > settings.max_prompt_tokens:
-        raise APIError(
-            400, f"the prompt has {len(prompt_ids)} tokens; at most {settings.max_prompt_tokens}", prompt_field
-        )
-
-
 async def respond(
     request: Request,
     state: ServerState,
@@ -209,6 +197,7 @@ async def respond(
     prompt_ids: list[int],
     params: SamplingParams,
     fmt: ResponseFormat,
+    prompt_field: str,
 ) -> Response:
     """Run the request and answer with JSON, or with SSE when `stream` is set."""
     generation = Generation(variant, prompt_ids, params, body.stop_strings(), state.metrics)
@@ -226,6 +215,8 @@ async def respond(
     except Exception as err:
         await generation.close()
         error = from_exception(err, state.settings.retry_after_s)
+        if error.param == "prompt":  # the engine's name for what this endpoint calls `prompt_field`
+            error.param = prompt_field
         error.headers.update(headers)
         raise error from err
 
@@ -259,7 +250,7 @@ async def run_request(
     fmt: ResponseFormat,
     prompt_field: str,
 ) -> Response:
-    """Validate, route (variant or experiment arm), tokenize off the event loop, and respond."""
+    """Check, route (variant or experiment arm), tokenize off the event loop, and respond."""
     try:
         body.check_supported()
     except UnsupportedField as err:
@@ -267,10 +258,10 @@ async def run_request(
     variant = state.resolve(body.model, ab_key or body.user)
     try:
         prompt_ids = await asyncio.to_thread(encode, variant)
-        params = body.to_sampling_params(default_max_tokens)
-        check_limits(state, prompt_ids, params, prompt_field)
-    except APIError as err:
-        err.headers[VARIANT_HEADER] = variant.name
+    except (APIError, UnsupportedField) as err:
+        error = from_exception(err)
+        error.headers[VARIANT_HEADER] = variant.name
         state.metrics.requests.labels(variant=variant.name, outcome="rejected").inc()
-        raise
-    return await respond(request, state, variant, body, prompt_ids, params, fmt)
+        raise error from None
+    params = body.to_sampling_params(default_max_tokens)
+    return await respond(request, state, variant, body, prompt_ids, params, fmt, prompt_field)

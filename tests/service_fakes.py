@@ -20,6 +20,7 @@ from service.engine.types import (
     Overloaded,
     SamplingParams,
     TokenEvent,
+    check_sampling,
 )
 from service.metrics import Metrics
 from service.registry import LoadedModel, weight_bytes
@@ -69,9 +70,8 @@ class FakeEngine:
         if self.stopped:
             raise EngineDead("engine stopped")
         if not prompt_ids or len(prompt_ids) > self.config.max_prompt_tokens:
-            raise InvalidRequest("bad prompt length")
-        if params.max_tokens > self.config.max_tokens:
-            raise InvalidRequest("max_tokens too large")
+            raise InvalidRequest("bad prompt length", "prompt")
+        check_sampling(params, self.config.max_tokens)  # the engine's own check, as LLMEngine does
         if len(self.active) >= self.config.max_batch_size + self.config.max_queue:
             raise Overloaded("queue full", retry_after=2.0)
         self.seen.append((list(prompt_ids), params))

@@ -93,6 +93,15 @@ def test_unlisted_weight_file_is_refused(variant):
         verify_variant(out)
 
 
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.ckpt", "model.gguf"])
+def test_unlisted_pickle_or_other_weights_beside_a_variant_are_refused(variant, name):
+    """Issue 13: a pytorch_model.bin beside the listed safetensors was loaded without complaint."""
+    model, out = variant
+    torch.save(model.state_dict(), out / name)
+    with pytest.raises(VariantError, match=f"not in the manifest: \\['{name}'\\]"):
+        load_model(out)
+
+
 def test_invalid_manifest_is_refused(variant):
     _, out = variant
     (out / MANIFEST).write_text(json.dumps({"name": "x"}))

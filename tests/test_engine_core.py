@@ -11,6 +11,7 @@ from service.engine.engine import LLMEngine
 from service.engine.types import (
     EngineConfig,
     EngineDead,
+    GenerationError,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
@@ -273,7 +274,7 @@ def test_a_failing_step_ends_its_requests_not_the_engine(model) -> None:
             raise RuntimeError("boom")
 
         engine.runner.prefill = broken
-        with pytest.raises(EngineDead, match="boom"):
+        with pytest.raises(GenerationError, match="boom"):
             await collect(engine, prompt, GREEDY, "first")
         after = await collect(engine, prompt, GREEDY, "second")
         await engine.shutdown(1.0)
@@ -308,3 +309,130 @@ def test_engines_on_one_device_share_one_compute_thread(model) -> None:
 
     run(main())
     assert len(threads) == 1 and threads.pop().startswith("torch-cpu")
+
+
+def test_cache_growth_then_a_slot_move_keeps_every_request_alive(model) -> None:
+    """Issue 13: after a prompt past 256 positions grew the cache, compacting slots failed every batch."""
+    batch = prompts((5, 6, 7), seed=12)
+    lengths = (5, 15, 30)
+    expected = [reference(model, p, n) for p, n in zip(batch, lengths, strict=True)]
+
+    async def main():
+        engine = make_engine(model)
+        await engine.start()
+
+        async def three():
+            return await asyncio.gather(
+                *(
+                    collect(engine, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), f"r{i}")
+                    for i, (p, n) in enumerate(zip(batch, lengths, strict=True))
+                )
+            )
+
+        before = await asyncio.wait_for(three(), 30)
+        await collect(engine, [504] * 300, SamplingParams(max_tokens=2, temperature=0.0), "long")
+        after = await asyncio.wait_for(three(), 30)
+        await engine.shutdown(1.0)
+        return before, after, engine
+
+    before, after, engine = run(main())
+    for got in (before, after):
+        assert [[e.token_id for e in events] for events in got] == expected
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+class FaultyRunner:
+    """Wraps a runner: decoding `poison` as the input token raises; `nan` gives non-finite scores."""
+
+    def __init__(self, runner, poison: int, nan: int) -> None:
+        self.runner, self.poison, self.nan = runner, poison, nan
+        self.max_slots, self.max_seq = runner.max_slots, runner.max_seq
+
+    def prefill(self, slot, ids):
+        return self.runner.prefill(slot, ids)
+
+    def move(self, src, dst, length):
+        self.runner.move(src, dst, length)
+
+    def decode(self, tokens, positions, first=0):
+        if self.poison in tokens.tolist():
+            raise RuntimeError("poisoned token")
+        logits = self.runner.decode(tokens, positions, first)
+        return logits.masked_fill((tokens == self.nan).unsqueeze(1), float("nan"))
+
+
+def test_one_failing_request_leaves_its_batch_mates_untouched(model) -> None:
+    """Issue 13: a failure in one request's decode or sampling used to fail every request of the step."""
+    healthy, poisoned, nan = prompts((9, 10, 11), seed=13)
+    first_poisoned, first_nan = reference(model, poisoned, 1)[0], reference(model, nan, 1)[0]
+    assert first_poisoned != first_nan and {first_poisoned, first_nan}.isdisjoint(reference(model, healthy, 12))
+    tiny_temperature = SamplingParams(max_tokens=12, temperature=1e-40, seed=1, ignore_eos=True)
+
+    async def main():
+        engine = make_engine(model)
+        engine.runner = FaultyRunner(engine.runner, poison=first_poisoned, nan=first_nan)
+        await engine.start()
+        results = await asyncio.gather(
+            collect(engine, healthy, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), "healthy"),
+            collect(engine, poisoned, GREEDY, "poisoned"),
+            collect(engine, nan, GREEDY, "nan"),
+            collect(engine, healthy, tiny_temperature, "tiny-temperature"),
+            return_exceptions=True,
+        )
+        await engine.shutdown(1.0)
+        return results, engine
+
+    (ok, failed_decode, failed_scores, tiny), engine = run(main())
+    assert [e.token_id for e in ok] == reference(model, healthy, 12)
+    assert [e.token_id for e in tiny] == reference(model, healthy, 12)  # T = 1e-40 is greedy in effect
+    assert isinstance(failed_decode, GenerationError) and "poisoned" in str(failed_decode)
+    assert isinstance(failed_scores, GenerationError) and "non-finite" in str(failed_scores)
+    assert engine.num_running == 0
+
+
+def test_a_burst_fills_the_free_slots_before_anything_is_refused(model) -> None:
+    """Issue 13: 40 simultaneous requests to an idle engine (batch 8, queue 4) got 36 refusals."""
+    prompt = prompts((6,), seed=14)[0]
+
+    async def main():
+        engine = make_engine(model, max_batch_size=8, max_queue=4)
+        await engine.start()
+        results = await asyncio.gather(
+            *(collect(engine, prompt, GREEDY, f"b{i}") for i in range(40)), return_exceptions=True
+        )
+        await engine.shutdown(1.0)
+        return results
+
+    results = run(main())
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    answered = [r for r in results if isinstance(r, list)]
+    assert (len(answered), len(refused)) == (12, 28)
+    assert all(len(events) == 10 for events in answered)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "param"),
+    [
+        ([], GREEDY, "prompt"),
+        ([10**6], GREEDY, "prompt"),
+        ([5] * 40, GREEDY, "prompt"),
+        ([5], SamplingParams(max_tokens=0), "max_tokens"),
+        ([5], SamplingParams(temperature=float("nan")), "temperature"),
+        ([5], SamplingParams(temperature=2.5), "temperature"),
+        ([5], SamplingParams(top_p=float("inf")), "top_p"),
+        ([5], SamplingParams(temperature=0.7, seed=2**64), "seed"),
+        ([5], SamplingParams(temperature=0.7, seed=-(2**70)), "seed"),
+    ],
+)
+def test_invalid_requests_name_the_field(model, prompt, params, param) -> None:
+    async def main():
+        engine = make_engine(model, max_prompt_tokens=32)
+        await engine.start()
+        try:
+            with pytest.raises(InvalidRequest) as raised:
+                await collect(engine, prompt, params, "bad")
+        finally:
+            await engine.shutdown(1.0)
+        return raised.value
+
+    assert run(main()).param == param

@@ -7,7 +7,7 @@ import torch
 
 from service.engine.llama import LlamaRunner, can_pack, unsupported_reason
 from service.engine.runner import HFRunner, make_runner
-from service.engine.sampling import make_generator, sample, top_p_filter
+from service.engine.sampling import make_generator, sample_one, top_p_filter
 from service.engine.types import SamplingParams
 from tests.tiny_models import tiny_llama, tiny_opt
 
@@ -95,8 +95,8 @@ def test_top_p_keeps_the_nucleus() -> None:
 def test_seeded_sampling_is_reproducible() -> None:
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     logits = torch.randn(3, 100)
-    first = sample(logits, [params] * 3, [make_generator(params) for _ in range(3)])
-    again = sample(logits, [params] * 3, [make_generator(params) for _ in range(3)])
+    first = [sample_one(row, params, make_generator(params)) for row in logits]
+    again = [sample_one(row, params, make_generator(params)) for row in logits]
     assert first == again
     assert make_generator(SamplingParams(temperature=0)) is None
 
@@ -104,8 +104,20 @@ def test_seeded_sampling_is_reproducible() -> None:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sample_shapes(temperature: float) -> None:
     params = SamplingParams(temperature=temperature, seed=1)
-    tokens = sample(torch.randn(2, 50), [params, params], [make_generator(params), make_generator(params)])
+    tokens = [sample_one(row, params, make_generator(params)) for row in torch.randn(2, 50)]
     assert len(tokens) == 2 and all(0 <= t < 50 for t in tokens)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8, 2.0])
+@pytest.mark.parametrize("top_p", [1.0, 1e-9])
+def test_extreme_but_valid_sampling_settings_give_a_token(temperature: float, top_p: float) -> None:
+    """A tiny temperature used to overflow logits / T to inf, and softmax to NaN (issue 13)."""
+    logits = torch.randn(50) * 30
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=3)
+    token = sample_one(logits.to(torch.bfloat16), params, make_generator(params))
+    assert 0 <= token < 50
+    if temperature < 1e-6 or top_p < 1e-6:
+        assert token == int(logits.to(torch.bfloat16).argmax())
 
 
 def test_ffn_replacement_layers_match_generate() -> None:

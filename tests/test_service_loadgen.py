@@ -10,10 +10,10 @@ import pytest
 
 from service.app import create_app
 from service.cli import serve_settings
-from service.loadgen import LoadConfig, make_prompt, markdown, run_bench
+from service.loadgen import LoadConfig, make_prompt, markdown, request_shape, run_bench
 from service.settings import Settings
 from tests.service_fakes import FakeEngine, fake_factory, loaded_model
-from tests.test_service_server import LiveServer
+from tests.test_service_server import LiveServer, wait_for
 from tests.tiny_models import tiny_llama
 from trimserve.cli import build_parser, main
 
@@ -45,7 +45,17 @@ def test_closed_loop_reports_each_arm(live: LiveServer, tokenizer) -> None:
     assert sum(v["requests"] for v in summary["variants"].values()) == 24
     for v in summary["variants"].values():
         assert v["errors"] == 0 and v["output_tokens"] == 6 * v["requests"]
-        assert set(v) == {"requests", "errors", "output_tokens", "output_tokens_per_s", "samples", *TIMES}
+        assert set(v) == {
+            "requests",
+            "errors",
+            "disconnected",
+            "hung",
+            "output_tokens",
+            "output_tokens_per_s",
+            "samples",
+            *TIMES,
+        }
+        assert v["disconnected"] == v["hung"] == 0
         assert all(set(v[k]) == STATS for k in TIMES)
         assert len(v["samples"]["e2e_s"]) == v["requests"] and v["output_tokens_per_s"] > 0
         assert v["ttft_s"]["p50"] <= v["e2e_s"]["p50"]
@@ -54,6 +64,34 @@ def test_closed_loop_reports_each_arm(live: LiveServer, tokenizer) -> None:
         assert r.text and make_prompt(r.prompt_index, 32).startswith(r.text)
         assert r.prompt_tokens == len(tokenizer.encode(make_prompt(r.prompt_index, 32)))
     assert "| full |" in markdown(summary) and "| small |" in markdown(summary)
+
+
+def test_mixed_lengths_and_disconnecting_clients(live: LiveServer, tokenizer) -> None:
+    config = LoadConfig(
+        url=live.url,
+        concurrency=6,
+        requests=40,
+        prompt_pool=8,
+        prompt_tokens=8,
+        prompt_tokens_max=200,
+        output_tokens=1,
+        output_tokens_max=40,
+        disconnect_share=0.3,
+        seed=3,
+    )
+    shapes = {request_shape(config, i) for i in range(8)}
+    assert len({p for p, _ in shapes}) > 4 and len({o for _, o in shapes}) > 4  # lengths vary per prompt
+    assert all(8 <= p <= 200 and 1 <= o <= 40 for p, o in shapes)
+    summary, results = run_bench(config)
+    full = summary["variants"]["full"]
+    dropped = [r for r in results if r.disconnected]
+    assert 0 < full["disconnected"] == len(dropped) < 40 and full["errors"] == full["hung"] == 0
+    for r in results:
+        if not r.disconnected:  # the fake echoes the prompt: each whole answer has its own length
+            assert r.output_tokens == request_shape(config, r.prompt_index)[1]
+    # Every request ended on the server; a client that left before its answer was done aborted it.
+    assert wait_for(lambda: all(not e.active for e in live.engines.values()))
+    assert sum(len(e.aborted) for e in live.engines.values()) >= 1
 
 
 def test_arrival_rate_and_errors_are_counted(live: LiveServer) -> None:

@@ -9,7 +9,6 @@ from fastapi.responses import Response
 
 from service.deps import ReadyStateDep
 from service.engine.types import FinishReason
-from service.errors import APIError
 from service.protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, Usage
 from service.serving import run_request
 from service.state import Variant
@@ -37,14 +36,9 @@ class CompletionFormat:
 
 
 def _encoder(body: CompletionRequest):
-    prompt = body.single_prompt()
-
     def encode(variant: Variant) -> list[int]:
-        if isinstance(prompt, list):
-            return prompt
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        return list(variant.tokenizer.encode(prompt))
+        prompt = body.single_prompt()
+        return prompt if isinstance(prompt, list) else list(variant.tokenizer.encode(prompt))
 
     return encode
 

@@ -26,16 +26,18 @@ from transformers import PreTrainedModel
 
 from service.engine.compute import run_async, run_sync
 from service.engine.runner import make_runner
-from service.engine.sampling import make_generator, sample, sample_one
+from service.engine.sampling import make_generator, sample_one
 from service.engine.types import (
     EngineConfig,
     EngineDead,
     EngineError,
+    GenerationError,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
     SamplingParams,
     TokenEvent,
+    check_sampling,
 )
 from service.metrics import Metrics
 
@@ -140,22 +142,21 @@ class LLMEngine:
         self._thread.start()
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Everything about a request that can fail, checked before it is queued (InvalidRequest)."""
         if not prompt_ids:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise InvalidRequest(
-                f"the prompt has {len(prompt_ids)} tokens; this model accepts at most {self.config.max_prompt_tokens}"
+                f"the prompt has {len(prompt_ids)} tokens; this model accepts at most {self.config.max_prompt_tokens}",
+                "prompt",
             )
         if len(prompt_ids) >= self.runner.max_seq:
-            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.runner.max_seq}")
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.runner.max_seq}", "prompt"
+            )
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
-            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if not 1 <= params.max_tokens <= self.config.max_tokens:
-            raise InvalidRequest(f"max_tokens must be between 1 and {self.config.max_tokens}")
-        if params.temperature < 0:
-            raise InvalidRequest("temperature must be >= 0")
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequest("top_p must be in (0, 1]")
+            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})", "prompt")
+        check_sampling(params, self.config.max_tokens)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -182,9 +183,15 @@ class LLMEngine:
             stop_ids=stop_ids,
             generator=make_generator(params),
         )
+        # In flight = running + waiting: a burst of arrivals fills the free batch slots first, and
+        # only requests beyond them and `max_queue` more are refused.
+        if len(self._active) >= self.runner.max_slots + self.config.max_queue:
+            raise Overloaded(
+                f"{self.name}: {len(self._active)} requests in flight (batch {self.runner.max_slots}, "
+                f"queue {self.config.max_queue})",
+                self._retry_after(),
+            )
         with self._cond:
-            if len(self._waiting) >= self.config.max_queue:
-                raise Overloaded(f"{self.name}: {len(self._waiting)} requests already waiting", self._retry_after())
             self._waiting.append(req)
             self._m_waiting.set(len(self._waiting))
             self._cond.notify()
@@ -265,10 +272,12 @@ class LLMEngine:
                 started = time.perf_counter()
                 try:
                     run_sync(self.device, self._step)
-                except Exception as err:  # a model failure ends the requests it touched, not the engine
+                except Exception as err:  # a failure no single request caused: end the batch, not the engine
                     log.exception("engine %s: step failed", self.name)
-                    self._fail_all(self._running + self._admitted, EngineDead(f"generation failed: {err}"))
+                    self._fail_all(self._running + self._admitted, GenerationError(f"generation failed: {err}"))
                     self._running.clear()
+                    self._admitted = []
+                    self._update_gauges()
                 self.step_seconds = time.perf_counter() - started
         except BaseException as err:
             self._dead = f"engine {self.name!r} worker died: {err}"
@@ -293,14 +302,27 @@ class LLMEngine:
 
     def _deliver(self, events: list[tuple[_Request, object]]) -> None:
         if events and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_put_all, events)
+            self._loop.call_soon_threadsafe(_put_all, list(events))  # a copy: the caller may reuse its list
 
     def _update_gauges(self) -> None:
         self._m_running.set(len(self._running))
         self._m_waiting.set(len(self._waiting))
 
     def _step(self) -> None:
+        """Admit and prefill waiting requests, then decode one token for every running one.
+
+        A failure one request causes (its prefill, its sampling, non-finite scores, its decode)
+        ends that request only. Events produced before any failure are always delivered.
+        """
         events: list[tuple[_Request, object]] = []
+        try:
+            with torch.inference_mode():  # the cache tensors are inference tensors: every update in this mode
+                self._step_in(events)
+        finally:
+            self._deliver(events)
+            self._update_gauges()
+
+    def _step_in(self, events: list[tuple[_Request, object]]) -> None:
         now = time.monotonic()
         for req in self._running:
             if not req.aborted and now > req.deadline:
@@ -311,24 +333,62 @@ class LLMEngine:
         for req in self._admitted:
             self._m_queue_wait.observe(now - req.arrival)
             self._m_prompt.inc(len(req.prompt))
-            logits = self.runner.prefill(len(self._running), req.prompt)
+            try:
+                logits = self.runner.prefill(len(self._running), req.prompt).unsqueeze(0)
+            except Exception as err:
+                self._fail(req, err, events)
+                continue
             self._running.append(req)
-            self._emit(req, sample_one(logits, req.params, req.generator), events)
+            self._choose([req], logits, events)
             self._deliver(events)  # the first token leaves now, not after the other prefills
-            events = []
+            events.clear()
         self._admitted = []
         self._compact()
         if self._running:
-            batch = self._running
-            tokens = torch.tensor([r.output[-1] for r in batch], dtype=torch.long)
-            positions = torch.tensor([r.length - 1 for r in batch], dtype=torch.long)
-            logits = self.runner.decode(tokens, positions)
-            chosen = sample(logits, [r.params for r in batch], [r.generator for r in batch])
-            for req, token in zip(batch, chosen, strict=True):
-                self._emit(req, token, events)
+            self._decode(self._running, events)
             self._compact()
-        self._deliver(events)
-        self._update_gauges()
+
+    def _decode(self, batch: list[_Request], events: list[tuple[_Request, object]]) -> None:
+        """One token for each request in slots 0..B-1; if the batched step fails, each request alone."""
+        tokens = torch.tensor([r.output[-1] for r in batch], dtype=torch.long)
+        positions = torch.tensor([r.length - 1 for r in batch], dtype=torch.long)
+        try:
+            self._choose(batch, self.runner.decode(tokens, positions), events)
+            return
+        except Exception as err:
+            if len(batch) == 1:
+                self._fail(batch[0], err, events)
+                return
+            log.warning("engine %s: batched decode failed (%s); decoding each request alone", self.name, err)
+        for i, req in enumerate(batch):  # rewrites the same cache positions, so a retry is safe
+            try:
+                logits = self.runner.decode(tokens[i : i + 1], positions[i : i + 1], first=i)
+            except Exception as err:
+                self._fail(req, err, events)
+                continue
+            self._choose([req], logits, events)
+
+    def _choose(self, batch: list[_Request], logits: torch.Tensor, events: list[tuple[_Request, object]]) -> None:
+        """Sample each request's next token from its row of logits (B, vocab) and emit it."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        for i, req in enumerate(batch):
+            try:
+                if not finite[i]:
+                    raise GenerationError("the model produced non-finite scores")
+                token = greedy[i] if req.generator is None else sample_one(logits[i], req.params, req.generator)
+            except Exception as err:
+                self._fail(req, err, events)
+                continue
+            self._emit(req, token, events)
+
+    def _fail(self, req: _Request, err: Exception, events: list[tuple[_Request, object]]) -> None:
+        """End one request with an error; the rest of the batch is untouched."""
+        log.error("engine %s: request %s failed: %s", self.name, req.request_id, err, exc_info=err)
+        if not req.done:
+            req.done = True
+            error = err if isinstance(err, GenerationError) else GenerationError(f"generation failed: {err}")
+            events.append((req, error))
 
     def _admit(self, now: float, events: list[tuple[_Request, object]]) -> list[_Request]:
         """Pop waiting requests into free slots; drop aborted and expired ones on the way."""

@@ -256,7 +256,7 @@ class LlamaRunner:
         return self.lm_head(self.norm(x[:, -1]))[0]
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
         B = tokens.shape[0]
         longest = int(positions.max()) + 1
         self._grow(longest)
@@ -266,9 +266,9 @@ class LlamaRunner:
         visible = self.positions[:L].unsqueeze(0) <= positions.unsqueeze(1)  # (B, L)
         bias = torch.zeros(B, 1, 1, L, dtype=torch.float32, device=self.device)
         bias.masked_fill_(~visible.view(B, 1, 1, L), float("-inf"))
-        slots = self.slot_ids[:B]
+        rows = slice(first, first + B)
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            x = self._decode_layer(layer, x, cos, sin, bias, slots, positions, k_cache, v_cache)
+            x = self._decode_layer(layer, x, cos, sin, bias, rows, positions, k_cache, v_cache)
         return self.lm_head(self.norm(x[:, -1]))
 
     def _decode_layer(
@@ -278,7 +278,7 @@ class LlamaRunner:
         cos: torch.Tensor,
         sin: torch.Tensor,
         bias: torch.Tensor,  # (B, 1, 1, L) fp32: 0 where a slot attends, -inf elsewhere
-        slots: torch.Tensor,  # (B,) = 0..B-1
+        rows: slice,  # the B consecutive slots first..first+B-1
         positions: torch.Tensor,  # (B,) where each slot writes its new key and value
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
@@ -287,17 +287,19 @@ class LlamaRunner:
             B, L = x.shape[0], bias.shape[-1]
             nkv, group = self.n_kv_heads, self.n_heads // self.n_kv_heads
             q, k, v = self._qkv(layer, x, cos, sin)
+            slots = self.slot_ids[rows]
             k_cache[slots, :, positions] = k[:, :, 0].to(self.cache_dtype)
             v_cache[slots, :, positions] = v[:, :, 0].to(self.cache_dtype)
             # Attention of one query per slot, written out: at this size it is several times cheaper
             # than the SDPA kernel. Query heads are grouped by the KV head they share (as repeat_kv).
             q = q.reshape(B, nkv, group, self.head_dim).to(self.cache_dtype)
-            scores = torch.matmul(q, k_cache[:B, :, :L].transpose(-1, -2))  # (B, nkv, group, L)
+            scores = torch.matmul(q, k_cache[rows, :, :L].transpose(-1, -2))  # (B, nkv, group, L)
             probs = torch.add(bias, scores, alpha=self.scale).softmax(-1).to(self.cache_dtype)
-            a = torch.matmul(probs, v_cache[:B, :, :L])  # (B, nkv, group, hd)
+            a = torch.matmul(probs, v_cache[rows, :, :L])  # (B, nkv, group, hd)
             x = x + layer.o(a.reshape(B, 1, -1).to(x.dtype))
         return self._mlp(layer, x)
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
             if k_cache is not None:

@@ -28,8 +28,8 @@ class Runner(Protocol):
         """Run the prompt into `slot` (replacing what it held); logits of the last position (vocab,)."""
         ...
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Append tokens (B,) at positions (B,) to slots 0..B-1; logits (B, vocab)."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Append tokens (B,) at positions (B,) to slots first..first+B-1; logits (B, vocab)."""
         ...
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -66,12 +66,15 @@ class HFRunner:
         return out.logits[0, -1]
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
         rows = []
         for b in range(tokens.shape[0]):
-            cache = self.caches[b]
+            cache = self.caches[first + b]
             if cache is None:
-                raise RuntimeError(f"slot {b} holds no request")
+                raise RuntimeError(f"slot {first + b} holds no request")
+            extra = cache.get_seq_length() - int(positions[b])
+            if extra > 0:  # a retried decode (see LLMEngine._decode) must not append twice
+                cache.crop(-extra)
             out = self.model(input_ids=tokens[b].view(1, 1), cache=cache, use_cache=True, logits_to_keep=1)
             rows.append(out.logits[0, -1])
         return torch.stack(rows)

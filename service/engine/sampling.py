@@ -34,10 +34,16 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token for one request from its logits row (vocab,)."""
+    """The next token for one request from its logits row (vocab,).
+
+    The logits are shifted so their maximum is 0 before dividing by the temperature: then any
+    positive temperature, however small, gives finite scores (the best token 0, the others
+    negative or -inf), where dividing first overflows to inf and softmax returns NaN.
+    """
     if generator is None:
         return int(torch.argmax(logits))
-    scaled = top_p_filter(logits.float() / params.temperature, params.top_p)
+    logits = logits.float()
+    scaled = top_p_filter((logits - logits.max()) / params.temperature, params.top_p)
     probs = scaled.softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -43,7 +44,15 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError):
-    """Bad input (e.g. prompt too long): HTTP 400."""
+    """Bad input (e.g. prompt too long): HTTP 400. `param` names the offending request field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class GenerationError(EngineError):
+    """Generating one request failed (its own sampling or model step); the others carry on: HTTP 500."""
 
 
 class Overloaded(EngineError):
@@ -60,6 +69,22 @@ class RequestTimeout(EngineError):
 
 class EngineDead(EngineError):
     """The engine loop stopped or is shutting down: HTTP 503."""
+
+
+# What torch.Generator.manual_seed accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_sampling(params: SamplingParams, max_tokens: int) -> None:
+    """Raise InvalidRequest, naming the field, for sampling values that cannot be honoured."""
+    if not 1 <= params.max_tokens <= max_tokens:
+        raise InvalidRequest(f"max_tokens is {params.max_tokens}; it must be between 1 and {max_tokens}", "max_tokens")
+    if not (math.isfinite(params.temperature) and 0 <= params.temperature <= 2):
+        raise InvalidRequest(f"temperature must be a finite number in [0, 2], not {params.temperature}", "temperature")
+    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
+        raise InvalidRequest(f"top_p must be a finite number in (0, 1], not {params.top_p}", "top_p")
+    if params.seed is not None and not SEED_MIN <= params.seed <= SEED_MAX:
+        raise InvalidRequest("seed must be an integer in [-2**63, 2**64 - 1]", "seed")
 
 
 class Engine(Protocol):

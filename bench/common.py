@@ -1,0 +1,43 @@
+"""What several benchmark scripts share: the machine line for RESULTS.md, and the tie-aware check
+of a greedy answer. Scripts run as `python bench/NAME.py`, so this module sits beside them."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+# A soak answer that differs from the concurrency-1 answer to its prompt still counts as correct when
+# every token it chose was the greedy choice up to this logit gap: batched matrix products round
+# differently from batch-1 ones (oneDNN picks other kernels), which flips near-ties.
+TIE_LOGITS = 0.25
+
+
+@torch.inference_mode()
+def greedy_margin(model, tokenizer, prompt: str, text: str) -> float | None:
+    """Largest gap, over `text`'s tokens teacher-forced after `prompt`, between the best logit and the
+    logit of the token `text` has; None if `text` does not re-tokenize into the same string."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or tokenizer.decode(ids) != text:
+        return None
+    return token_margin(model, tokenizer(prompt)["input_ids"], ids)
+
+
+@torch.inference_mode()
+def token_margin(model, prompt_ids: list[int], ids: list[int]) -> float:
+    """Largest gap, over `ids` teacher-forced after `prompt_ids`, between the best logit and the chosen one."""
+    logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1].float()
+    chosen = logits.gather(1, torch.tensor(ids)[:, None])[:, 0]
+    return float((logits.max(-1).values - chosen).max())
