@@ -21,10 +21,10 @@ import torch
 from transformers import DynamicCache
 
 from pruning.models import DEFAULT_MODEL, load_model
+from service.backend import SamplingParams
 from service.engine.engine import LLMEngine
 from service.engine.runner import make_runner
-from service.engine.types import EngineConfig, SamplingParams
-from service.metrics import Metrics
+from service.engine.types import EngineConfig
 
 log = logging.getLogger("bench.engine")
 
@@ -108,7 +108,7 @@ async def _one(engine: LLMEngine, prompt: list[int], params: SamplingParams, rid
 async def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     config = EngineConfig(max_batch_size=max(concurrency, 2))
-    engine = LLMEngine("bench", model, tokenizer, config, Metrics())
+    engine = LLMEngine("bench", model, tokenizer, config)
     t = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - t

@@ -28,7 +28,6 @@ from pruning.models import DEFAULT_MODEL, load_model
 from service.engine.engine import LLMEngine
 from service.engine.traffic import Outcome, PlannedRequest, drive, expected_length, random_schedule
 from service.engine.types import EngineConfig
-from service.metrics import Metrics
 
 log = logging.getLogger("bench.engine_traffic")
 
@@ -113,7 +112,7 @@ def main() -> int:
     )
 
     async def all_seeds() -> dict[int, dict]:
-        engine = LLMEngine("traffic", model, tokenizer, config, Metrics())
+        engine = LLMEngine("traffic", model, tokenizer, config)
         await engine.start()
         runs = {}
         for seed in args.seeds:

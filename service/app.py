@@ -1,10 +1,10 @@
-"""The FastAPI application: `create_app(settings)` builds it; the lifespan loads models and engines."""
+"""The FastAPI application: `create_app(settings)` builds it; the lifespan starts one backend per variant."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,24 +12,45 @@ from fastapi import FastAPI
 from service.ab import experiments_from
 from service.api import chat, completions, health, models
 from service.api import metrics as metrics_api
-from service.engine.compute import run_async
-from service.engine.types import EngineConfig
+from service.backend import Backend
+from service.backends import make_backend
 from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import BearerAuth, BodyLimit
-from service.registry import LoadedModel, load_all, model_specs, record_load
+from service.registry import model_specs
 from service.settings import Settings
-from service.state import ManagedEngine, ServerState, Variant
+from service.state import ServerState
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[LoadedModel, EngineConfig, Metrics], ManagedEngine]
+
+def backends_from(settings: Settings, metrics: Metrics) -> tuple[list[Backend], dict[str, dict[str, int]]]:
+    """One backend per model the settings name, and the experiments over them."""
+    specs, ab = model_specs(settings)
+    return [make_backend(spec, settings, metrics.observer(spec.name)) for spec in specs], ab
 
 
-def llm_engine(loaded: LoadedModel, config: EngineConfig, metrics: Metrics) -> ManagedEngine:
-    from service.engine.engine import LLMEngine
+def record_backend(backend: Backend, metrics: Metrics) -> None:
+    """Export what a started backend knows of its model: size, load time and load memory."""
+    info, name = backend.describe(), backend.name
+    params = info.get("params") or {}
+    for kind in ("total", "nonzero"):
+        if params.get(kind) is not None:
+            metrics.parameters.labels(variant=name, kind=kind).set(params[kind])
+    for key, gauge in (
+        ("weight_bytes", metrics.weight_bytes),
+        ("load_seconds", metrics.load_seconds),
+        ("load_rss_bytes", metrics.load_rss_bytes),
+    ):
+        if info.get(key) is not None:
+            gauge.labels(variant=name).set(info[key])
+    metrics.backend_up.labels(variant=name).set(1 if backend.healthy else 0)
 
-    return LLMEngine(loaded.name, loaded.model, loaded.tokenizer, config, metrics)
+
+async def preflight(backends: list[Backend]) -> None:
+    """The cheap checks of every backend (an upstream reachable and speaking the OpenAI API, a vLLM
+    command installed), so a bad configuration fails before anything loads."""
+    await asyncio.gather(*(b.check() for b in backends))
 
 
 async def drain(state: ServerState) -> None:
@@ -38,30 +59,30 @@ async def drain(state: ServerState) -> None:
         log.info("shutting down: finishing in-flight requests (up to %g s)", state.settings.shutdown_timeout_s)
     state.ready = False
     timeout = state.settings.shutdown_timeout_s
-    await asyncio.gather(*(v.engine.shutdown(timeout) for v in state.variants.values()))
+    await asyncio.gather(*(backend.close(timeout) for backend in state.variants.values()))
 
 
-def create_app(
-    settings: Settings,
-    *,
-    loaded: list[LoadedModel] | None = None,
-    engine_factory: EngineFactory = llm_engine,
-    metrics: Metrics | None = None,
-) -> FastAPI:
-    """Build the app. `loaded` skips loading from settings (tests); `engine_factory` picks the engine."""
+def create_app(settings: Settings, *, backends: list[Backend] | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """Build the app. `backends` replaces the ones the settings name (tests)."""
     state = ServerState(settings=settings, metrics=metrics or Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        specs, ab = model_specs(settings) if loaded is None else ([], dict(settings.ab))
-        models_ = loaded if loaded is not None else await run_async("cpu", lambda: load_all(specs))
-        state.experiments = experiments_from(ab, {m.name for m in models_})
+        made, ab = backends_from(settings, state.metrics) if backends is None else (backends, dict(settings.ab))
+        state.experiments = experiments_from(ab, {b.name for b in made})
         try:
-            for model in models_:
-                record_load(model, state.metrics)
-                engine = engine_factory(model, settings.engine_config(), state.metrics)
-                state.variants[model.name] = Variant(model.name, engine, model)
-                await engine.start()
+            for backend in made:
+                state.variants[backend.name] = backend
+
+            async def start(backend: Backend) -> None:
+                try:
+                    await backend.start()
+                except Exception as err:
+                    log.error("variant %r cannot start: %s", backend.name, err)
+                    raise
+                record_backend(backend, state.metrics)
+
+            await asyncio.gather(*(start(b) for b in made))
             state.ready = True
             log.info("ready: variants %s, experiments %s", list(state.variants), list(state.experiments))
             yield

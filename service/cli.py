@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,8 @@ SERVE_FLAGS = {
     "shutdown_timeout": "shutdown_timeout_s",
     "max_body_bytes": "max_body_bytes",
     "threads": "torch_threads",
+    "vllm_command": "vllm_command",
+    "vllm_startup_timeout": "vllm_startup_timeout_s",
 }
 
 
@@ -36,7 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve models over an OpenAI-compatible HTTP API",
         description="With no --model/--config: the default model as `full` plus its variants in the variants dir.",
     )
-    serve.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to serve (repeat)")
+    serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="a model to serve (repeat): NAME=PATH (in-process engine), NAME=http://host:port/v1 (any "
+        "OpenAI-compatible server) or NAME=vllm:PATH (a vllm serve process trimserve supervises)",
+    )
     serve.add_argument("--config", type=Path, help="TOML or YAML listing models (name, source, dtype, device) and ab")
     serve.add_argument("--ab", action="append", default=[], metavar="EXP=VAR:W,VAR:W", help="an A/B experiment")
     serve.add_argument("--variants-dir", type=Path, help="where default variants are found")
@@ -53,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish in-flight requests at exit")
     serve.add_argument("--max-body-bytes", type=int)
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    serve.add_argument("--vllm-command", help="how vllm backends start vLLM (default `vllm serve`)")
+    serve.add_argument("--vllm-startup-timeout", type=float, help="seconds a vLLM process may take to start")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
@@ -94,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service import http_server
     from service.ab import experiments_from
-    from service.app import create_app, drain
+    from service.app import create_app, drain, preflight
+    from service.backends import make_backend
     from service.registry import model_specs
 
     try:
@@ -103,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from None
     specs, ab = model_specs(settings)  # fail fast on a bad config, before loading anything
     experiments_from(ab, {s.name for s in specs})
+    asyncio.run(preflight([make_backend(spec, settings) for spec in specs]))
     if settings.torch_threads is not None:
         import torch
 

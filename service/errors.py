@@ -11,13 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.engine.types import (
-    EngineDead,
-    EngineError,
+from service.backend import (
+    BackendError,
     GenerationError,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
+    Unavailable,
+    UpstreamFailed,
+    UpstreamRejected,
 )
 from service.protocol import ErrorBody, ErrorResponse, UnsupportedField
 
@@ -32,6 +34,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "service_unavailable",
     504: "timeout",
 }
@@ -80,11 +83,15 @@ def from_exception(err: Exception, retry_after_s: float = 1.0) -> APIError:
         return APIError(429, str(err) or "server overloaded", None, "overloaded", {"Retry-After": seconds})
     if isinstance(err, RequestTimeout):
         return APIError(504, str(err) or "request timed out", None, "timeout")
-    if isinstance(err, EngineDead):
-        return APIError(503, str(err) or "engine unavailable", None, "engine_unavailable")
+    if isinstance(err, Unavailable):
+        return APIError(503, str(err) or "backend unavailable", None, "engine_unavailable")
     if isinstance(err, GenerationError):
         return APIError(500, str(err), None, "generation_failed")
-    if isinstance(err, EngineError):
+    if isinstance(err, UpstreamRejected):
+        return APIError(err.status, str(err), err.param, err.code or "upstream_rejected")
+    if isinstance(err, UpstreamFailed):
+        return APIError(502, str(err), None, "upstream_failed")
+    if isinstance(err, BackendError):
         return APIError(500, f"engine error: {err}", None, "engine_error")
     log.exception("unhandled error", exc_info=err)
     return APIError(500, "internal server error", None, "internal_error")
@@ -122,7 +129,7 @@ def install_handlers(app: FastAPI, retry_after_s: float = 1.0) -> None:
 
     # Expected errors get handlers of their own: Starlette re-raises whatever reaches the catch-all
     # `Exception` handler after answering, which logs a traceback and drops the connection.
-    @app.exception_handler(EngineError)
+    @app.exception_handler(BackendError)
     @app.exception_handler(UnsupportedField)
     async def _expected(_: Request, exc: Exception) -> JSONResponse:
         return from_exception(exc, retry_after_s).response()

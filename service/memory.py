@@ -1,37 +1,22 @@
-"""Memory readings for the metrics: process RSS, and CUDA allocator figures per device."""
+"""Resident memory of a process, read from /proc (getrusage's peak elsewhere); no torch here."""
 
 from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterable
-
-import torch
-
-from service.metrics import Metrics
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def process_rss_bytes() -> int:
-    """Current resident set size (Linux /proc; elsewhere the peak from getrusage)."""
+def process_rss_bytes(pid: int | None = None) -> int:
+    """Current resident set size of `pid` (default: this process); 0 if it is gone."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid or 'self'}/statm") as f:
             return int(f.read().split()[1]) * _PAGE
+    except FileNotFoundError:
+        return 0
     except (OSError, ValueError, IndexError):
+        if pid is not None:
+            return 0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if os.uname().sysname == "Darwin" else peak * 1024
-
-
-def refresh_memory(metrics: Metrics, variants: Iterable[tuple[str, torch.device]]) -> None:
-    """Set the memory gauges for each (variant, device); called at scrape time."""
-    rss = process_rss_bytes()
-    for name, device in variants:
-        metrics.rss_bytes.labels(variant=name).set(rss)
-        if device.type != "cuda" or not torch.cuda.is_available():
-            continue
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        label = f"cuda:{index}"
-        metrics.cuda_allocated.labels(variant=name, device=label).set(torch.cuda.memory_allocated(index))
-        metrics.cuda_reserved.labels(variant=name, device=label).set(torch.cuda.memory_reserved(index))
-        metrics.cuda_peak.labels(variant=name, device=label).set(torch.cuda.max_memory_allocated(index))

@@ -1,4 +1,5 @@
-"""Every Prometheus series trimserve exports, each labelled by `variant`.
+"""Every Prometheus series trimserve exports, each labelled by `variant`, and the adapter through
+which a backend reports its queue (`VariantObserver`, a `service.backend.Observer`).
 
 Buckets span a 135M model on two CPU cores (tens of ms per token) to a 7B model on a GPU
 (a few ms per token), so quantiles resolve at both ends.
@@ -63,3 +64,33 @@ class Metrics:
         self.cuda_peak = Gauge(
             "trimserve_cuda_memory_peak_bytes", "Peak CUDA memory allocated", [*v, "device"], registry=r
         )
+        self.backend_up = Gauge(
+            "trimserve_backend_up", "1 while the variant's backend can take requests, else 0", v, registry=r
+        )
+        self.backend_restarts = Counter(
+            "trimserve_backend_restarts", "Times a supervised backend process was restarted", v, registry=r
+        )
+
+    def observer(self, variant: str) -> VariantObserver:
+        """What one variant's backend reports its queue to."""
+        return VariantObserver(self, variant)
+
+
+class VariantObserver:
+    """The Prometheus side of `service.backend.Observer` for one variant."""
+
+    def __init__(self, metrics: Metrics, variant: str) -> None:
+        self._queue_wait = metrics.queue_wait.labels(variant=variant)
+        self._running = metrics.running.labels(variant=variant)
+        self._waiting = metrics.waiting.labels(variant=variant)
+        self._restarts = metrics.backend_restarts.labels(variant=variant)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def load(self, running: int, waiting: int) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+
+    def restarted(self) -> None:
+        self._restarts.inc()

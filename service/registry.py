@@ -12,7 +12,6 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -22,7 +21,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pruning.artifacts import MANIFEST, VariantError, VariantManifest, read_manifest, weight_stats
 from pruning.models import DEFAULT_MODEL, ModelLoadError, load_model, resolve_dtype, resolve_model, variants_dir
 from service.memory import process_rss_bytes
-from service.metrics import Metrics
 from service.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -46,28 +44,15 @@ class LoadedModel:
     weight_bytes: int
     loaded_at: float
 
-    def describe(self) -> dict[str, Any]:
-        """What GET /v1/variants/{name} returns: the manifest plus how it is being served."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "dtype": self.dtype,
-            "device": str(self.device),
-            "params": {"total": self.params_total, "nonzero": self.params_nonzero},
-            "weight_bytes": self.weight_bytes,
-            "load_seconds": round(self.load_seconds, 3),
-            "load_rss_bytes": self.load_rss_bytes,
-            "manifest": self.manifest.model_dump() if self.manifest else None,
-        }
-
 
 def parse_model_arg(text: str) -> ModelSpec:
-    """`depth8=PATH` -> ModelSpec(name='depth8', source='PATH')."""
+    """`depth8=PATH` (native), `depth8=http://host:8000/v1` (url) or `depth8=vllm:PATH` (vllm)."""
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
-        raise ValueError(f"--model {text!r}: expected NAME=PATH (or NAME=ALIAS)")
+        raise ValueError(f"--model {text!r}: expected NAME=PATH, NAME=URL or NAME=vllm:PATH")
+    backend = "vllm" if source.startswith("vllm:") else None
     try:
-        return ModelSpec(name=name, source=source)
+        return ModelSpec(name=name, source=source.removeprefix("vllm:"), backend=backend)
     except ValidationError as err:
         raise ValueError(f"--model {text!r}: {err.errors()[0]['msg']}") from None
 
@@ -150,6 +135,11 @@ def model_specs(settings: Settings) -> tuple[list[ModelSpec], dict[str, dict[str
     return filled, ab
 
 
+def read_manifest_json(directory: Path) -> dict | None:
+    """A variant directory's manifest as JSON (None when it is not a variant)."""
+    return read_manifest(directory).model_dump(mode="json") if (directory / MANIFEST).is_file() else None
+
+
 def _manifest_of(source: str) -> VariantManifest | None:
     path = Path(resolve_model(source))
     return read_manifest(path) if (path / MANIFEST).is_file() else None
@@ -205,17 +195,3 @@ def load_one(spec: ModelSpec) -> LoadedModel:
         f", manifest method {manifest.method}" if manifest else "",
     )
     return loaded
-
-
-def load_all(specs: list[ModelSpec]) -> list[LoadedModel]:
-    return [load_one(spec) for spec in specs]
-
-
-def record_load(loaded: LoadedModel, metrics: Metrics) -> None:
-    """Export a loaded model's size, load time and load memory as gauges."""
-    v = loaded.name
-    metrics.parameters.labels(variant=v, kind="total").set(loaded.params_total)
-    metrics.parameters.labels(variant=v, kind="nonzero").set(loaded.params_nonzero)
-    metrics.weight_bytes.labels(variant=v).set(loaded.weight_bytes)
-    metrics.load_seconds.labels(variant=v).set(loaded.load_seconds)
-    metrics.load_rss_bytes.labels(variant=v).set(loaded.load_rss_bytes)

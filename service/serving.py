@@ -1,8 +1,9 @@
-"""One request's trip through a variant's engine, shared by the completion endpoints.
+"""One request's trip through a variant's backend, shared by the completion endpoints.
 
-`Generation` turns engine tokens into text (incremental detokenization, stop strings), counts
-usage, aborts the engine request when it stops early or the client leaves, and records the
-request's outcome and end-to-end latency. `respond` wraps it as a JSON or SSE response.
+`Generation` reads the backend's text deltas, closes the backend's stream (which aborts the
+request) when it stops early or the client leaves, and records the request's outcome, time to
+first token, time per output token, end-to-end latency and token counts: measured here, the same
+way for every backend. `respond` wraps it as a JSON or SSE response.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from service.engine.types import (
+from service.backend import (
+    Backend,
+    Delta,
     FinishReason,
+    GenerationRequest,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
-    SamplingParams,
-    TokenEvent,
 )
 from service.errors import APIError, error_event, from_exception
 from service.metrics import Metrics
 from service.protocol import SamplingRequest, UnsupportedField, Usage, new_id
-from service.state import ServerState, Variant
-from service.textstream import IncrementalDetokenizer, StopMatcher
+from service.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -53,47 +54,51 @@ def outcome_of(err: BaseException) -> str:
 
 
 class Generation:
-    """Text deltas for one request; `start()` waits for the first token (errors surface there)."""
+    """Text deltas for one request; `start()` waits for the first delta (errors surface there)."""
 
-    def __init__(
-        self, variant: Variant, prompt_ids: list[int], params: SamplingParams, stops: list[str], metrics: Metrics
-    ) -> None:
-        self.variant = variant
-        self.prompt_ids = prompt_ids
-        self.request_id = new_id("req")
+    def __init__(self, backend: Backend, request: GenerationRequest, metrics: Metrics) -> None:
+        self.backend = backend
         self.metrics = metrics
-        self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.prompt_tokens = self.completion_tokens = 0
         self._started = time.perf_counter()
-        self._events = variant.engine.generate(prompt_ids, params, self.request_id)
-        self._detok = IncrementalDetokenizer(variant.tokenizer, prompt_ids)
-        self._stopper = StopMatcher(stops)
-        self._pending: TokenEvent | None = None
+        self._first_text_at: float | None = None
+        self._deltas = backend.generate(request)
+        self._pending: Delta | None = None
         self._exhausted = False
         self._recorded = False
 
     @property
     def usage(self) -> Usage:
-        n = len(self.prompt_ids)
-        return Usage(prompt_tokens=n, completion_tokens=self.completion_tokens, total_tokens=n + self.completion_tokens)
+        n, m = self.prompt_tokens, self.completion_tokens
+        return Usage(prompt_tokens=n, completion_tokens=m, total_tokens=n + m)
 
     def _record(self, outcome: str) -> None:
         if self._recorded:
             return
         self._recorded = True
-        self.metrics.requests.labels(variant=self.variant.name, outcome=outcome).inc()
-        if outcome == "ok":
-            self.metrics.latency.labels(variant=self.variant.name).observe(time.perf_counter() - self._started)
+        name = self.backend.name
+        self.metrics.requests.labels(variant=name, outcome=outcome).inc()
+        if outcome != "ok":
+            return
+        finished = time.perf_counter()
+        first = self._first_text_at or finished
+        self.metrics.latency.labels(variant=name).observe(finished - self._started)
+        self.metrics.ttft.labels(variant=name).observe(first - self._started)
+        if self.completion_tokens > 1:
+            self.metrics.tpot.labels(variant=name).observe((finished - first) / (self.completion_tokens - 1))
+        self.metrics.prompt_tokens.labels(variant=name).inc(self.prompt_tokens)
+        self.metrics.generated_tokens.labels(variant=name).inc(self.completion_tokens)
 
-    async def _next(self) -> TokenEvent | None:
+    async def _next(self) -> Delta | None:
         try:
-            return await anext(self._events)
+            return await anext(self._deltas)
         except StopAsyncIteration:
             self._exhausted = True
             return None
 
     async def start(self) -> None:
-        """Queue the request and wait for its first token; engine errors are raised here."""
+        """Send the request and wait for its first delta; backend errors are raised here."""
         try:
             self._pending = await self._next()
         except BaseException as err:
@@ -106,25 +111,20 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         """The response text, piece by piece; sets finish_reason and usage on the way."""
         try:
-            event, self._pending = self._pending, None
-            while event is not None:
-                self.completion_tokens += 1
-                text = self._stopper.feed(self._detok.add(event.token_id))
-                if text:
-                    yield text
-                if self._stopper.stopped:
-                    self.finish_reason = "stop"
-                    break
-                if event.finish_reason is not None:
-                    self.finish_reason = event.finish_reason
+            delta, self._pending = self._pending, None
+            while delta is not None:
+                if delta.text:
+                    if self._first_text_at is None:
+                        self._first_text_at = time.perf_counter()
+                    yield delta.text
+                if delta.finish_reason is not None:
+                    self.finish_reason = delta.finish_reason
+                    if delta.usage is not None:
+                        self.prompt_tokens = delta.usage.prompt_tokens
+                        self.completion_tokens = delta.usage.completion_tokens
                     self._exhausted = True
                     break
-                event = await self._next()
-            if not self._stopper.stopped:
-                tail = self._stopper.feed(self._detok.flush())
-                tail += self._stopper.flush()
-                if tail:
-                    yield tail
+                delta = await self._next()
             self.finish_reason = self.finish_reason or "stop"
             self._record("ok")
         except BaseException as err:
@@ -138,14 +138,12 @@ class Generation:
         return "".join([piece async for piece in self.deltas()])
 
     async def close(self) -> None:
-        """Free the engine slot of a request that did not run to its end."""
-        if self._exhausted:
-            return
-        self._exhausted = True
-        self._record("cancelled")
+        """Close the backend's stream; for a request that did not run to its end, that aborts it."""
+        if not self._exhausted:
+            self._exhausted = True
+            self._record("cancelled")
         with anyio.CancelScope(shield=True):
-            await self.variant.engine.abort(self.request_id)
-            await self._events.aclose()
+            await self._deltas.aclose()
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -192,16 +190,15 @@ def sse(body: BaseModel) -> str:
 async def respond(
     request: Request,
     state: ServerState,
-    variant: Variant,
+    backend: Backend,
     body: SamplingRequest,
-    prompt_ids: list[int],
-    params: SamplingParams,
+    work: GenerationRequest,
     fmt: ResponseFormat,
     prompt_field: str,
 ) -> Response:
     """Run the request and answer with JSON, or with SSE when `stream` is set."""
-    generation = Generation(variant, prompt_ids, params, body.stop_strings(), state.metrics)
-    rid, model = new_id(fmt.id_prefix), variant.name
+    generation = Generation(backend, work, state.metrics)
+    rid, model = new_id(fmt.id_prefix), backend.name
     headers = {VARIANT_HEADER: model}
     try:
         await until_disconnect(request, generation.start())
@@ -215,7 +212,7 @@ async def respond(
     except Exception as err:
         await generation.close()
         error = from_exception(err, state.settings.retry_after_s)
-        if error.param == "prompt":  # the engine's name for what this endpoint calls `prompt_field`
+        if error.param == "prompt":  # the backend's name for what this endpoint calls `prompt_field`
             error.param = prompt_field
         error.headers.update(headers)
         raise error from err
@@ -245,23 +242,16 @@ async def run_request(
     state: ServerState,
     body: SamplingRequest,
     ab_key: str | None,
-    encode: Callable[[Variant], list[int]],
-    default_max_tokens: int,
+    build: Callable[[str], GenerationRequest],
     fmt: ResponseFormat,
     prompt_field: str,
 ) -> Response:
-    """Check, route (variant or experiment arm), tokenize off the event loop, and respond."""
+    """Check the body, route it (variant or experiment arm) and respond; `build` makes the
+    backend's request from the body, given a request id."""
     try:
         body.check_supported()
+        work = build(new_id("req"))
     except UnsupportedField as err:
         raise from_exception(err) from None
-    variant = state.resolve(body.model, ab_key or body.user)
-    try:
-        prompt_ids = await asyncio.to_thread(encode, variant)
-    except (APIError, UnsupportedField) as err:
-        error = from_exception(err)
-        error.headers[VARIANT_HEADER] = variant.name
-        state.metrics.requests.labels(variant=variant.name, outcome="rejected").inc()
-        raise error from None
-    params = body.to_sampling_params(default_max_tokens)
-    return await respond(request, state, variant, body, prompt_ids, params, fmt, prompt_field)
+    backend = state.resolve(body.model, ab_key or body.user)
+    return await respond(request, state, backend, body, work, fmt, prompt_field)

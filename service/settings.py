@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pruning.models import DEVICES, DTYPES
 from service.engine.types import EngineConfig
+
+# The names the model loader takes (kept torch-free here; a test checks they match the loader's).
+DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def _known_dtype(value: str) -> str:
@@ -32,12 +35,45 @@ Device = Annotated[str, AfterValidator(_known_device)]
 
 
 class ModelSpec(BaseModel):
-    """One model to serve: the name clients use, where its weights are, how to load them."""
+    """One model to serve: the name clients use, which backend serves it, and how.
+
+    `backend` is `native` (the in-process engine; the default for a local path, an alias or a hub
+    id), `url` (any OpenAI-compatible server; the default when the source is an http(s) URL) or
+    `vllm` (a `vllm serve` process trimserve starts and supervises for the checkpoint `source`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    source: str  # alias, directory, GGUF file or hub id (see pruning.models.resolve_model)
+    source: str | None = None  # alias, directory, GGUF file or hub id; for url backends the URL
+    backend: Literal["native", "url", "vllm"] | None = None
     dtype: Dtype | None = None  # None: the server's default dtype
     device: Device | None = None
+    # url backends
+    url: str | None = None  # the upstream's OpenAI API base, e.g. http://host:8000/v1
+    upstream_model: str | None = None  # the model name to send upstream (default: its only model)
+    api_key_env: str | None = None  # environment variable holding the upstream's API key
+    manifest_dir: str | None = None  # a local variant directory describing the upstream's model
+    max_inflight: int | None = Field(None, ge=1)  # requests sent upstream at once
+    # vllm backends
+    vllm_command: str | None = None  # default: the server's vllm_command
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    vllm_args: list[str] = Field(default_factory=list)  # more arguments for `vllm serve`
+    vllm_env: dict[str, str] = Field(default_factory=dict)  # more environment for the vLLM process
+
+    @model_validator(mode="after")
+    def _backend(self) -> ModelSpec:
+        if self.backend is None:
+            remote = (self.url or self.source or "").startswith(("http://", "https://"))
+            self.backend = "url" if remote else "native"
+        if self.backend == "url":
+            self.url = self.url or self.source
+            if not (self.url or "").startswith(("http://", "https://")):
+                raise ValueError(f"model {self.name!r}: a url backend needs an http(s) URL, not {self.url!r}")
+        elif not self.source:
+            raise ValueError(f"model {self.name!r}: give its source (a checkpoint, variant directory or alias)")
+        return self
 
 
 class Settings(BaseSettings):
@@ -65,6 +101,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, ge=0)
     retry_after_s: float = Field(1.0, gt=0)
+    vllm_command: str = "vllm serve"  # how `vllm` backends start vLLM (often the python of its own venv)
+    vllm_startup_timeout_s: float = Field(900.0, gt=0)
+    upstream_max_inflight: int = Field(256, ge=1)  # default max_inflight of url and vllm backends
+    log_dir: Path | None = None  # vLLM processes' output; None: $TRIMSERVE_CACHE/logs
 
     @field_validator("ab")
     @classmethod

@@ -1,7 +1,9 @@
 """A fake engine for HTTP-layer tests: conforms to the engine interface, answers instantly.
 
 It echoes the prompt's own tokens back (cycling), so each response's text shows which prompt it
-answered, and it records aborts so tests can check that a client leaving frees the request.
+answered, and it records aborts so tests can check that a client leaving frees the request. It
+runs inside the real native backend (tokenization, chat templates, detokenization, stop strings),
+as vLLM tests its serving layer against a mock engine.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from service.engine.types import (
-    EngineConfig,
-    EngineDead,
-    EngineError,
+from service.backend import (
+    BackendError,
     InvalidRequest,
     Overloaded,
     SamplingParams,
-    TokenEvent,
+    Unavailable,
     check_sampling,
 )
-from service.metrics import Metrics
+from service.backends.native import NativeBackend
+from service.engine.types import EngineConfig, TokenEvent
 from service.registry import LoadedModel, weight_bytes
+from service.settings import Settings
 
 
 class FakeEngine:
@@ -33,6 +35,7 @@ class FakeEngine:
         self.name = name
         self.config = config
         self.eos_token_ids = eos_token_ids
+        self.alive = True
         self.delay = 0.0
         self.fail_after: int | None = None
         self.script: list[int] | None = None  # tokens to emit instead of the echo
@@ -58,6 +61,7 @@ class FakeEngine:
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         self.stopped = True
+        self.alive = False
 
     async def abort(self, request_id: str) -> None:
         if request_id in self.active and request_id not in self.aborted:
@@ -68,7 +72,7 @@ class FakeEngine:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[TokenEvent]:
         if self.stopped:
-            raise EngineDead("engine stopped")
+            raise Unavailable("engine stopped")
         if not prompt_ids or len(prompt_ids) > self.config.max_prompt_tokens:
             raise InvalidRequest("bad prompt length", "prompt")
         check_sampling(params, self.config.max_tokens)  # the engine's own check, as LLMEngine does
@@ -83,7 +87,7 @@ class FakeEngine:
                 if request_id not in self.active:
                     return
                 if self.fail_after is not None and i >= self.fail_after:
-                    raise EngineError("the fake engine failed on purpose")
+                    raise BackendError("the fake engine failed on purpose")
                 await asyncio.sleep(self.delay)
                 token = source[i % len(source)]
                 last = i == params.max_tokens - 1
@@ -99,14 +103,26 @@ class FakeEngine:
             self.active.discard(request_id)
 
 
-def fake_factory(engines: dict[str, FakeEngine]):
-    """An engine factory for create_app that keeps the engines it makes, by variant name."""
+def fake_backends(
+    settings: Settings, tokenizer, model: torch.nn.Module, names: tuple[str, ...], engines: dict[str, FakeEngine]
+) -> list[NativeBackend]:
+    """Native backends for `names` over one tiny model, each with a FakeEngine (kept in `engines`)."""
 
-    def make(loaded: LoadedModel, config: EngineConfig, metrics: Metrics) -> FakeEngine:
-        engines[loaded.name] = FakeEngine(loaded.name, config)
-        return engines[loaded.name]
+    def engine_factory(name, model, tokenizer, config, observer) -> FakeEngine:
+        engines[name] = FakeEngine(name, config)
+        return engines[name]
 
-    return make
+    return [
+        NativeBackend(
+            name,
+            f"/tmp/{name}",
+            "cpu",
+            lambda name=name: loaded_model(name, model, tokenizer),
+            settings.engine_config(),
+            engine_factory=engine_factory,
+        )
+        for name in names
+    ]
 
 
 def loaded_model(name: str, model: torch.nn.Module, tokenizer, manifest=None) -> LoadedModel:

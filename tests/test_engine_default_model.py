@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pruning.models import load_model
+from service.backend import SamplingParams
 from service.engine.engine import LLMEngine
 from service.engine.llama import LlamaRunner
-from service.engine.types import EngineConfig, SamplingParams
-from service.metrics import Metrics
+from service.engine.types import EngineConfig
 
 
 @pytest.mark.integration
@@ -27,7 +27,7 @@ def test_default_model_batched_greedy_matches_generate(default_model_dir: Path) 
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
     async def main():
-        engine = LLMEngine("default", model, tokenizer, EngineConfig(max_batch_size=2), Metrics())
+        engine = LLMEngine("default", model, tokenizer, EngineConfig(max_batch_size=2))
         await engine.start()
         assert isinstance(engine.runner, LlamaRunner)
 

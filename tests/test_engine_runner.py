@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.backend import SamplingParams
 from service.engine.llama import LlamaRunner, can_pack, unsupported_reason
 from service.engine.runner import HFRunner, make_runner
 from service.engine.sampling import make_generator, sample_one, top_p_filter
-from service.engine.types import SamplingParams
 from tests.tiny_models import tiny_llama, tiny_opt
 
 

@@ -39,7 +39,7 @@ def run_schedule(model, tokenizer, seed: int, count: int, max_prompt: int, max_t
     schedule = random_schedule(seed, count, model.config.vocab_size, max_prompt, max_tokens)
 
     async def main():
-        engine = LLMEngine("traffic", model, tokenizer, config, metrics)
+        engine = LLMEngine("traffic", model, tokenizer, config, metrics.observer("traffic"))
         await engine.start()
         outcomes = await drive(engine, schedule, timeout_s=120)
         for _ in range(200):  # slots of cancelled requests free at the worker's next step

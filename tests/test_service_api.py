@@ -12,7 +12,7 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service_fakes import FakeEngine, fake_factory, loaded_model
+from tests.service_fakes import FakeEngine, fake_backends
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.anyio
@@ -36,9 +36,8 @@ class Server:
 
 async def start(tokenizer, tiny, **settings) -> AsyncIterator[Server]:
     engines: dict[str, FakeEngine] = {}
-    loaded = [loaded_model("full", tiny, tokenizer), loaded_model("small", tiny, tokenizer)]
     config = Settings(**{"ab": {"chat": {"full": 50, "small": 50}}, **settings})
-    app = create_app(config, loaded=loaded, engine_factory=fake_factory(engines))
+    app = create_app(config, backends=fake_backends(config, tokenizer, tiny, ("full", "small"), engines))
     transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
     async with (
         app.router.lifespan_context(app),
@@ -162,6 +161,29 @@ async def test_health_ready_docs_metrics(server: Server) -> None:
     assert 'trimserve_requests_total{outcome="rejected",variant="full"} 1.0' in text
 
 
+async def test_latency_and_tokens_are_measured_per_request(server: Server, tokenizer) -> None:
+    """TTFT, TPOT and token counts are measured above the backend, the same for every backend."""
+    prompts = ["one two three four", "five six seven eight nine ten"]
+    await asyncio.gather(
+        *(
+            server.client.completions.create(model="small", prompt=p, max_tokens=10, extra_body={"ignore_eos": True})
+            for p in prompts
+        )
+    )
+    metrics = (await server.http.get("/metrics")).text
+
+    def value(name: str) -> float:
+        lines = [ln for ln in metrics.splitlines() if ln.startswith(f'{name}{{variant="small"}}')]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    assert value("trimserve_prompt_tokens_total") == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert value("trimserve_generated_tokens_total") == 20
+    assert value("trimserve_time_to_first_token_seconds_count") == 2
+    assert value("trimserve_time_per_output_token_seconds_count") == 2
+    assert value("trimserve_queue_wait_seconds_count") == 0  # the fake engine has no queue to report
+    assert value("trimserve_backend_up") == 1
+
+
 async def error_of(response: httpx2.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -239,7 +261,7 @@ async def test_overload_is_429_with_retry_after(tokenizer, tiny) -> None:
 
 
 async def test_not_ready_is_503(tokenizer, tiny) -> None:
-    app = create_app(Settings(), loaded=[loaded_model("full", tiny, tokenizer)], engine_factory=fake_factory({}))
+    app = create_app(Settings(), backends=fake_backends(Settings(), tokenizer, tiny, ("full",), {}))
     async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as http:
         assert (await http.get("/health")).status_code == 200
         await error_of(await http.get("/ready"), 503)

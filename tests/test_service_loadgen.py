@@ -12,7 +12,7 @@ from service.app import create_app
 from service.cli import serve_settings
 from service.loadgen import LoadConfig, make_prompt, markdown, request_shape, run_bench
 from service.settings import Settings
-from tests.service_fakes import FakeEngine, fake_factory, loaded_model
+from tests.service_fakes import FakeEngine, fake_backends
 from tests.test_service_server import LiveServer, wait_for
 from tests.tiny_models import tiny_llama
 from trimserve.cli import build_parser, main
@@ -25,11 +25,8 @@ TIMES = ("ttft_s", "tpot_s", "e2e_s")
 def live(tokenizer) -> Iterator[LiveServer]:
     engines: dict[str, FakeEngine] = {}
     tiny = tiny_llama(layers=1)
-    app = create_app(
-        Settings(ab={"chat": {"full": 1, "small": 1}}),
-        loaded=[loaded_model("full", tiny, tokenizer), loaded_model("small", tiny, tokenizer)],
-        engine_factory=fake_factory(engines),
-    )
+    settings = Settings(ab={"chat": {"full": 1, "small": 1}})
+    app = create_app(settings, backends=fake_backends(settings, tokenizer, tiny, ("full", "small"), engines))
     server = LiveServer(app, engines)
     for engine in engines.values():
         engine.delay = 0.002

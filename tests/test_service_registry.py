@@ -12,13 +12,13 @@ import torch
 
 from pruning.artifacts import BaseModelRef, VariantError, VariantManifest, save_variant
 from service.ab import Experiment, experiments_from, parse_ab
-from service.app import create_app
+from service.app import create_app, record_backend
+from service.backends import make_backend
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest
-from service.registry import default_specs, load_one, model_specs, parse_model_arg, read_config, record_load
+from service.registry import default_specs, load_one, model_specs, parse_model_arg, read_config
 from service.settings import ModelSpec, Settings
 from service.textstream import IncrementalDetokenizer, StopMatcher
-from tests.service_fakes import fake_factory
 from tests.tiny_models import tiny_llama
 
 
@@ -59,12 +59,20 @@ def test_load_one_verifies_and_measures(variants: Path, tmp_path: Path) -> None:
     assert loaded.params_total - loaded.params_nonzero == zeros + padding_row
     assert loaded.weight_bytes >= 4 * loaded.params_total and loaded.load_seconds > 0
     metrics = Metrics()
-    record_load(loaded, metrics)
+    backend = make_backend(ModelSpec(name="sparse50", source=str(variants / "sparse50")), Settings())
+
+    async def started() -> dict:
+        await backend.start()
+        record_backend(backend, metrics)
+        await backend.close(1.0)
+        return backend.describe()
+
+    described = asyncio.run(started())
     assert (
         metrics.registry.get_sample_value("trimserve_model_parameters", {"variant": "sparse50", "kind": "total"})
         == loaded.params_total
     )
-    assert loaded.describe()["manifest"]["base"]["source"] == "smollm2-135m"
+    assert described["manifest"]["base"]["source"] == "smollm2-135m" and described["backend"] == "native"
     # A tampered weight file is refused.
     tampered = tmp_path / "tampered"
     save_variant(
@@ -164,7 +172,7 @@ def test_requests_convert_to_sampling_params() -> None:
 
 def test_app_loads_models_from_settings_at_startup(variants: Path) -> None:
     settings = Settings(variants_dir=variants, models=[ModelSpec(name="s50", source=str(variants / "sparse50"))])
-    app = create_app(settings, engine_factory=fake_factory({}))
+    app = create_app(settings)
 
     async def scenario() -> tuple[int, dict, str]:
         transport = httpx2.ASGITransport(app=app)

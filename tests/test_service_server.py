@@ -14,9 +14,9 @@ import pytest
 import uvicorn
 
 from service.app import create_app
-from service.registry import load_one
+from service.backends import make_backend
 from service.settings import ModelSpec, Settings
-from tests.service_fakes import FakeEngine, fake_factory, loaded_model
+from tests.service_fakes import FakeEngine, fake_backends
 from tests.tiny_models import tiny_llama
 
 
@@ -51,11 +51,8 @@ def wait_for(condition, timeout: float = 5.0) -> bool:
 @pytest.fixture
 def live(tokenizer) -> Iterator[LiveServer]:
     engines: dict[str, FakeEngine] = {}
-    app = create_app(
-        Settings(shutdown_timeout_s=5),
-        loaded=[loaded_model("full", tiny_llama(layers=1), tokenizer)],
-        engine_factory=fake_factory(engines),
-    )
+    settings = Settings(shutdown_timeout_s=5)
+    app = create_app(settings, backends=fake_backends(settings, tokenizer, tiny_llama(layers=1), ("full",), engines))
     server = LiveServer(app, engines)
     server.engines["full"].delay = 0.02
     yield server
@@ -96,8 +93,9 @@ def test_graceful_shutdown_finishes_in_flight(live: LiveServer) -> None:
 
 @pytest.mark.integration
 def test_real_model_and_engine_through_openai_client(default_model_dir) -> None:
-    loaded = load_one(ModelSpec(name="full", source=str(default_model_dir), dtype="fp32", device="cpu"))
-    app = create_app(Settings(max_prompt_tokens=256, max_tokens=32, max_batch_size=4), loaded=[loaded])
+    settings = Settings(max_prompt_tokens=256, max_tokens=32, max_batch_size=4)
+    spec = ModelSpec(name="full", source=str(default_model_dir), dtype="fp32", device="cpu")
+    app = create_app(settings, backends=[make_backend(spec, settings)])
 
     async def scenario() -> None:
         transport = httpx2.ASGITransport(app=app)

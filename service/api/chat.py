@@ -8,9 +8,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from service.api.completions import ERRORS
+from service.backend import FinishReason, GenerationRequest
 from service.deps import ReadyStateDep
-from service.engine.types import FinishReason
-from service.errors import APIError
 from service.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -22,7 +21,6 @@ from service.protocol import (
     Usage,
 )
 from service.serving import run_request
-from service.state import Variant
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -48,22 +46,6 @@ class ChatFormat:
         return ChatCompletionResponse(id=rid, model=model, choices=[choice], usage=usage)
 
 
-def _encoder(body: ChatCompletionRequest):
-    conversation = body.conversation()
-
-    def encode(variant: Variant) -> list[int]:
-        tokenizer = variant.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"model {variant.name!r} has no chat template; use /v1/completions", "model")
-        try:
-            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # a template may reject a conversation (e.g. roles out of order)
-            raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-    return encode
-
-
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def create_chat_completion(
     body: ChatCompletionRequest,
@@ -73,7 +55,11 @@ async def create_chat_completion(
 ) -> Response:
     """Answer `messages` formatted with the model's chat template. Streaming works as for
     /v1/completions (`chat.completion.chunk` events, usage chunk on `stream_options.include_usage`)."""
-    encode = _encoder(body)
-    return await run_request(
-        request, state, body, x_ab_key, encode, state.settings.default_chat_max_tokens, ChatFormat(), "messages"
-    )
+    default_max_tokens = state.settings.default_chat_max_tokens
+
+    def build(request_id: str) -> GenerationRequest:
+        params = body.to_sampling_params(default_max_tokens)
+        messages = tuple(body.conversation())
+        return GenerationRequest(request_id, params, messages=messages, stop=tuple(body.stop_strings()))
+
+    return await run_request(request, state, body, x_ab_key, build, ChatFormat(), "messages")

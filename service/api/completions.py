@@ -7,15 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
+from service.backend import FinishReason, GenerationRequest
 from service.deps import ReadyStateDep
-from service.engine.types import FinishReason
 from service.protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, Usage
 from service.serving import run_request
-from service.state import Variant
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 502, 503, 504)}
 
 
 class CompletionFormat:
@@ -35,14 +34,6 @@ class CompletionFormat:
         return CompletionResponse(id=rid, model=model, choices=[choice], usage=usage)
 
 
-def _encoder(body: CompletionRequest):
-    def encode(variant: Variant) -> list[int]:
-        prompt = body.single_prompt()
-        return prompt if isinstance(prompt, list) else list(variant.tokenizer.encode(prompt))
-
-    return encode
-
-
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def create_completion(
     body: CompletionRequest,
@@ -52,7 +43,10 @@ async def create_completion(
 ) -> Response:
     """Complete `prompt`. With `stream: true`, SSE chunks end with `data: [DONE]`; with
     `stream_options.include_usage`, a last chunk with empty `choices` carries `usage`."""
-    encode = _encoder(body)
-    return await run_request(
-        request, state, body, x_ab_key, encode, state.settings.default_max_tokens, CompletionFormat(), "prompt"
-    )
+    default_max_tokens = state.settings.default_max_tokens
+
+    def build(request_id: str) -> GenerationRequest:
+        params = body.to_sampling_params(default_max_tokens)
+        return GenerationRequest(request_id, params, prompt=body.single_prompt(), stop=tuple(body.stop_strings()))
+
+    return await run_request(request, state, body, x_ab_key, build, CompletionFormat(), "prompt")

@@ -1,4 +1,4 @@
-"""GET /metrics: Prometheus exposition, with memory gauges refreshed at scrape time."""
+"""GET /metrics: Prometheus exposition, with each backend's memory and health read at scrape time."""
 
 from __future__ import annotations
 
@@ -7,12 +7,30 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import StateDep
-from service.memory import refresh_memory
+from service.metrics import Metrics
+from service.state import ServerState
 
 router = APIRouter(tags=["metrics"])
 
 
+def refresh(state: ServerState, metrics: Metrics) -> None:
+    """Set the memory and health gauges of every variant from its backend."""
+    for name, backend in state.variants.items():
+        memory = backend.memory()
+        if memory.rss_bytes is not None:
+            metrics.rss_bytes.labels(variant=name).set(memory.rss_bytes)
+        for device, figures in memory.device_bytes.items():
+            for key, gauge in (
+                ("allocated", metrics.cuda_allocated),
+                ("reserved", metrics.cuda_reserved),
+                ("peak", metrics.cuda_peak),
+            ):
+                if key in figures:
+                    gauge.labels(variant=name, device=device).set(figures[key])
+        metrics.backend_up.labels(variant=name).set(1 if backend.healthy else 0)
+
+
 @router.get("/metrics", response_class=Response)
 async def metrics(state: StateDep) -> Response:
-    refresh_memory(state.metrics, [(v.name, v.loaded.device) for v in state.variants.values()])
+    refresh(state, state.metrics)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -38,16 +38,17 @@ def without_paths(value: Any) -> Any:
 
 
 def _cards(state: ServerState) -> list[ModelCard]:
-    cards = []
-    for name, variant in state.variants.items():
-        manifest = variant.loaded.manifest
-        parent = public_source(manifest.base.source) if manifest else None
-        created = int(variant.loaded.loaded_at)
-        cards.append(ModelCard(id=name, created=created, root=public_source(variant.loaded.source), parent=parent))
+    cards, created = [], []
+    for name, backend in state.variants.items():
+        info = backend.describe()
+        manifest = info.get("manifest") or {}
+        parent = public_source(manifest["base"]["source"]) if manifest else None
+        root = public_source(info["source"]) if info.get("source") else None
+        created.append(int(info.get("created", 0)))
+        cards.append(ModelCard(id=name, created=created[-1], root=root, parent=parent))
     for name, experiment in state.experiments.items():
         arms = ",".join(f"{v}:{w}" for v, w in experiment.arms)
-        created = min((int(v.loaded.loaded_at) for v in state.variants.values()), default=0)
-        cards.append(ModelCard(id=name, created=created, root=f"ab:{arms}"))
+        cards.append(ModelCard(id=name, created=min(created, default=0), root=f"ab:{arms}"))
     return cards
 
 
@@ -69,4 +70,4 @@ async def get_model(model_id: str, state: StateDep) -> ModelCard:
 @router.get("/variants/{name}", responses={404: {"model": ErrorResponse}})
 async def get_variant(name: str, state: StateDep) -> dict[str, Any]:
     """How a variant was made and how it scored (its manifest), and how it is being served."""
-    return without_paths(state.variant(name).loaded.describe())
+    return without_paths(state.variant(name).describe())

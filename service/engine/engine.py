@@ -9,6 +9,10 @@ Threading: the worker thread schedules; the model work of each step runs on the 
 thread (`service.engine.compute`), shared by every engine on that device. Tokens reach the asyncio
 side through `loop.call_soon_threadsafe` onto a per-request `asyncio.Queue`. Flags the event loop
 sets (abort, stop) are plain attributes read by the worker at the next step.
+
+The engine reports its queue (each request's wait for a slot, the running and waiting counts) to
+an `Observer` (`service.backend`), which the server's Prometheus adapter implements; per-request
+latency is measured by the caller.
 """
 
 from __future__ import annotations
@@ -24,22 +28,21 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from service.engine.compute import run_async, run_sync
-from service.engine.runner import make_runner
-from service.engine.sampling import make_generator, sample_one
-from service.engine.types import (
-    EngineConfig,
-    EngineDead,
-    EngineError,
+from service.backend import (
+    BackendError,
     GenerationError,
     InvalidRequest,
+    Observer,
     Overloaded,
     RequestTimeout,
     SamplingParams,
-    TokenEvent,
+    Unavailable,
     check_sampling,
 )
-from service.metrics import Metrics
+from service.engine.compute import run_async, run_sync
+from service.engine.runner import make_runner
+from service.engine.sampling import make_generator, sample_one
+from service.engine.types import EngineConfig, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,6 @@ class _Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
     aborted: bool = False  # set from the event loop; the worker frees the slot at its next step
     done: bool = False  # the worker sent the last event (or error)
 
@@ -87,7 +88,9 @@ def eos_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:
 class LLMEngine:
     """One model served with continuous batching; see the module docstring."""
 
-    def __init__(self, name: str, model: PreTrainedModel, tokenizer, config: EngineConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, name: str, model: PreTrainedModel, tokenizer, config: EngineConfig, observer: Observer | None = None
+    ) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -98,13 +101,7 @@ class LLMEngine:
         self.runner = run_sync(
             self.device, lambda: make_runner(model, config.max_batch_size, config.max_prompt_tokens + config.max_tokens)
         )
-        self._m_queue_wait = metrics.queue_wait.labels(variant=name)
-        self._m_ttft = metrics.ttft.labels(variant=name)
-        self._m_tpot = metrics.tpot.labels(variant=name)
-        self._m_prompt = metrics.prompt_tokens.labels(variant=name)
-        self._m_generated = metrics.generated_tokens.labels(variant=name)
-        self._m_running = metrics.running.labels(variant=name)
-        self._m_waiting = metrics.waiting.labels(variant=name)
+        self.observer = observer
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()  # guarded by _cond
         self._running: list[_Request] = []  # worker thread only; index = cache slot
@@ -118,6 +115,11 @@ class LLMEngine:
         self.step_seconds = 0.0  # duration of the last worker step, for Retry-After estimates
 
     # ----- event-loop side -------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests (started, not shut down, worker alive)."""
+        return self._accepting and self._dead is None
 
     @property
     def num_running(self) -> int:
@@ -163,11 +165,11 @@ class LLMEngine:
     ) -> AsyncIterator[TokenEvent]:
         """Yield the request's tokens as they are produced; the last event has a finish reason.
 
-        Errors (InvalidRequest, Overloaded, EngineDead) are raised at the first iteration, before
+        Errors (InvalidRequest, Overloaded, Unavailable) are raised at the first iteration, before
         any token. Closing the iterator early (client gone) aborts the request.
         """
         if self._dead is not None or not self._accepting:
-            raise EngineDead(self._dead or f"engine {self.name!r} is not accepting requests")
+            raise Unavailable(self._dead or f"engine {self.name!r} is not accepting requests")
         self._validate(prompt_ids, params)
         if request_id in self._active:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -193,7 +195,6 @@ class LLMEngine:
             )
         with self._cond:
             self._waiting.append(req)
-            self._m_waiting.set(len(self._waiting))
             self._cond.notify()
         self._active[request_id] = req
         try:
@@ -201,7 +202,7 @@ class LLMEngine:
                 item = req.queue.get_nowait() if not req.queue.empty() else await self._next(req)
                 if item is _END:
                     return
-                if isinstance(item, EngineError):
+                if isinstance(item, BackendError):
                     raise item
                 yield item
                 if item.finish_reason is not None:
@@ -237,7 +238,7 @@ class LLMEngine:
         req.queue.put_nowait(_END)
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop admitting; let in-flight requests finish for up to `timeout` s, then end them (EngineDead)."""
+        """Stop admitting; let in-flight requests finish for up to `timeout` s, then end them (Unavailable)."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -288,11 +289,11 @@ class LLMEngine:
             with self._cond:
                 leftover = list(self._waiting)
                 self._waiting.clear()
-            self._fail_all(self._running + leftover, EngineDead(self._dead))
+            self._fail_all(self._running + leftover, Unavailable(self._dead))
             self._running.clear()
             self._update_gauges()
 
-    def _fail_all(self, requests: list[_Request], error: EngineError) -> None:
+    def _fail_all(self, requests: list[_Request], error: BackendError) -> None:
         events = []
         for req in requests:
             if not req.done:
@@ -305,8 +306,8 @@ class LLMEngine:
             self._loop.call_soon_threadsafe(_put_all, list(events))  # a copy: the caller may reuse its list
 
     def _update_gauges(self) -> None:
-        self._m_running.set(len(self._running))
-        self._m_waiting.set(len(self._waiting))
+        if self.observer is not None:
+            self.observer.load(len(self._running), len(self._waiting))
 
     def _step(self) -> None:
         """Admit and prefill waiting requests, then decode one token for every running one.
@@ -331,8 +332,8 @@ class LLMEngine:
         self._compact()
         self._admitted = self._admit(now, events)
         for req in self._admitted:
-            self._m_queue_wait.observe(now - req.arrival)
-            self._m_prompt.inc(len(req.prompt))
+            if self.observer is not None:
+                self.observer.queue_wait(now - req.arrival)
             try:
                 logits = self.runner.prefill(len(self._running), req.prompt).unsqueeze(0)
             except Exception as err:
@@ -412,13 +413,7 @@ class LLMEngine:
     def _emit(self, req: _Request, token: int, events: list[tuple[_Request, object]]) -> None:
         if req.aborted or req.done:
             return
-        now = time.monotonic()
         req.output.append(token)
-        if len(req.output) == 1:
-            req.first_token_at = now
-            self._m_ttft.observe(now - req.arrival)
-        req.last_token_at = now
-        self._m_generated.inc()
         reason = None
         if token in req.stop_ids:
             reason = "stop"
@@ -426,8 +421,6 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             req.done = True
-            if len(req.output) > 1:
-                self._m_tpot.observe((req.last_token_at - req.first_token_at) / (len(req.output) - 1))
         events.append((req, TokenEvent(token, reason)))
 
     def _compact(self) -> None:

@@ -10,7 +10,7 @@ import secrets
 
 import torch
 
-from service.engine.types import SamplingParams
+from service.backend import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.engine.types import Engine, EngineError, SamplingParams
+from service.backend import BackendError, SamplingParams
+from service.engine.types import Engine
 
 TEMPERATURES = (1e-30, 0.05, 0.7, 1.0, 2.0)
 TOP_PS = (1e-9, 0.3, 0.9, 1.0)
@@ -125,7 +126,7 @@ async def _run_one(engine: Engine, planned: PlannedRequest, started: float) -> O
                 if planned.cancel_by_abort:
                     await engine.abort(planned.request_id)
                 break
-    except EngineError as err:
+    except BackendError as err:
         outcome.error = f"{type(err).__name__}: {err}"
     finally:
         await stream.aclose()
