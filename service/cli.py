@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     serve.add_argument("--vllm-command", help="how vllm backends start vLLM (default `vllm serve`)")
     serve.add_argument("--vllm-startup-timeout", type=float, help="seconds a vLLM process may take to start")
+    serve.add_argument(
+        "--vllm-env", action="append", default=[], metavar="KEY=VALUE", help="environment for every vLLM process"
+    )
+    serve.add_argument(
+        "--vllm-arg", action="append", default=[], metavar="ARG", help="an argument for every vLLM process (repeat)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
@@ -98,6 +104,13 @@ def serve_settings(args: argparse.Namespace):
         overrides["models"] = [parse_model_arg(text) for text in args.model]
     if args.ab:
         overrides["ab"] = {e.name: dict(e.arms) for e in map(parse_ab, args.ab)}
+    if args.vllm_env:
+        pairs = [text.partition("=") for text in args.vllm_env]
+        if any(not sep or not key for key, sep, _ in pairs):
+            raise ValueError(f"--vllm-env takes KEY=VALUE, not {args.vllm_env}")
+        overrides["vllm_env"] = {key: value for key, _, value in pairs}
+    if args.vllm_arg:
+        overrides["vllm_args"] = list(args.vllm_arg)
     return Settings(**overrides)
 
 

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     retry_after_s: float = Field(1.0, gt=0)
     vllm_command: str = "vllm serve"  # how `vllm` backends start vLLM (often the python of its own venv)
     vllm_startup_timeout_s: float = Field(900.0, gt=0)
+    vllm_args: list[str] = Field(default_factory=list)  # for every vllm backend, before its own vllm_args
+    vllm_env: dict[str, str] = Field(default_factory=dict)  # for every vllm backend, under its own vllm_env
     upstream_max_inflight: int = Field(256, ge=1)  # default max_inflight of url and vllm backends
     log_dir: Path | None = None  # vLLM processes' output; None: $TRIMSERVE_CACHE/logs
 

@@ -63,8 +63,8 @@ def make_backend(spec: ModelSpec, settings: Settings, observer: Observer | None 
         dtype=spec.dtype or settings.dtype,
         max_model_len=spec.max_model_len,
         gpu_memory_utilization=spec.gpu_memory_utilization,
-        extra_args=tuple(spec.vllm_args),
-        env=dict(spec.vllm_env),
+        extra_args=(*settings.vllm_args, *spec.vllm_args),
+        env=settings.vllm_env | spec.vllm_env,
         startup_timeout_s=settings.vllm_startup_timeout_s,
         log_path=log_dir(settings) / f"vllm-{spec.name}.log",
     )
