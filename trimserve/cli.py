@@ -9,9 +9,10 @@ import sys
 from pruning.artifacts import VariantError
 from pruning.data import DataError
 from pruning.models import ModelLoadError
+from service.backend import BackendError
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (DataError, ModelLoadError, VariantError, ValueError, FileNotFoundError)
+USER_ERRORS = (DataError, ModelLoadError, VariantError, BackendError, ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
