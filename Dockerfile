@@ -32,6 +32,7 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 FROM base-${DEVICE} AS runtime
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY evaluation ./evaluation
 COPY pruning ./pruning
 COPY service ./service
 COPY trimserve ./trimserve

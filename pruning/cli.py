@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from evaluation.data import NAMED_SOURCES
+from evaluation.evaluate import evaluate, load_eval_data
 from pruning.artifacts import MANIFEST, read_manifest, write_manifest
-from pruning.data import NAMED_SOURCES
 from pruning.depth import cli as depth_cli
-from pruning.evaluate import evaluate, load_eval_data
 from pruning.models import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, fetch_embedded, load_model
 from pruning.sparse import cli as sparse_cli
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from pruning.data import (
+from evaluation.data import (
     DataError,
     calibration_windows,
     data_dir,

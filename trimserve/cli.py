@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
+from evaluation.data import DataError
 from pruning.artifacts import VariantError
-from pruning.data import DataError
 from pruning.models import ModelLoadError
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from evaluation.data import calibration_windows, load_texts
 from pruning.artifacts import (
     BaseModelRef,
     CalibrationRef,
@@ -16,7 +17,6 @@ from pruning.artifacts import (
     weights_sha256,
 )
 from pruning.blocks import capture_block_inputs, decoder_layers
-from pruning.data import calibration_windows, load_texts
 from pruning.depth.charts import plot_scan, plot_trajectory
 from pruning.depth.criteria import check_window, scan_scores, sleb_greedy
 from pruning.depth.pipeline import METHODS, DepthSettings, prune_depth

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from evaluation.data import calibration_windows, load_texts
 from pruning.artifacts import (
     BaseModelRef,
     CalibrationRef,
@@ -21,7 +22,6 @@ from pruning.artifacts import (
     write_manifest,
 )
 from pruning.blocks import LAYOUTS, UnsupportedArchitecture
-from pruning.data import calibration_windows, load_texts
 from pruning.models import load_model, resolve_device, resolve_model
 from pruning.sparse.masks import parse_pattern
 from pruning.sparse.owl import OwlConfig
