@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from evaluation.data import DataError
+from evaluation.records import DataError
 from pruning.artifacts import VariantError
 from pruning.models import ModelLoadError
 
