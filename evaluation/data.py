@@ -1,6 +1,7 @@
 """Text sources for calibration and evaluation, and the token windows cut from them.
 
-A source is one of NAMED_SOURCES, read from the copies shipped with trimserve, or a local file:
+A source is one of NAMED_SOURCES, read from the copies shipped with trimserve; the same name with
+the `hub:` prefix, the full set from the Hugging Face hub (`evaluation.hub`); or a local file:
 `.txt`, or `.jsonl` with one document per line (`path.jsonl:field` picks the field, default `text`).
 """
 
@@ -13,14 +14,18 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from evaluation.hub import HubRecords
 from evaluation.local import LocalRecords, require_file
 from evaluation.records import DataError, Records
 
 NAMED_SOURCES = ("wikitext2", "wikitext2-valid", "c4", "pubmedqa-train", "pubmedqa-test")
+HUB_PREFIX = "hub:"
 
 
 def records_for(name: str) -> tuple[str, Records]:
-    """The source or set name, and the backend that reads it."""
+    """The name without `hub:`, and the backend that reads it: the hub with the prefix, else this machine."""
+    if name.startswith(HUB_PREFIX):
+        return name.removeprefix(HUB_PREFIX), HubRecords()
     return name, LocalRecords()
 
 
@@ -28,7 +33,7 @@ def records_for(name: str) -> tuple[str, Records]:
 
 
 def load_texts(source: str) -> list[str]:
-    """Documents of a named source (`c4`, ...) or a local file (`file.jsonl:field` selects the field)."""
+    """Documents of a named source (`c4`, `hub:c4`, ...) or a local file (`file.jsonl:field` selects the field)."""
     name, records = records_for(source)
     if name in ("wikitext2", "wikitext2-valid"):
         # The evaluation string of Wanda/SparseGPT: the rows joined with blank lines.
@@ -38,6 +43,8 @@ def load_texts(source: str) -> list[str]:
     if name in ("pubmedqa-train", "pubmedqa-test"):
         # One document per question: its abstract paragraphs (the domain text of PubMedQA).
         return [" ".join(r.contexts) for r in records.pubmedqa(name.removeprefix("pubmedqa-"))]
+    if source.startswith(HUB_PREFIX):
+        raise DataError(f"unknown hub source {source!r}; known: {', '.join(HUB_PREFIX + n for n in NAMED_SOURCES)}")
     return file_texts(source)
 
 
@@ -53,7 +60,7 @@ def file_texts(source: str) -> list[str]:
             raise DataError(f"{path}: file holds only whitespace")
         return [text]
     if not path.exists():
-        raise DataError(f"unknown source {source!r}: not one of {NAMED_SOURCES} and no such file")
+        raise DataError(f"unknown source {source!r}: not one of {NAMED_SOURCES} (or hub:NAME) and no such file")
     raise DataError(f"{path}: expected a .txt or .jsonl file")
 
 

@@ -62,18 +62,19 @@ def official_pubmedqa_test_ids(root: Path | None = None) -> set[str]:
 
 def extra_path(relative: str, needed_by: str) -> Path:
     """`$TRIMSERVE_DATA_DIR/relative`, which the set `needed_by` reads; DataError naming the fix if absent."""
+    fix = f"or ask for `hub:{needed_by}` (needs `pip install 'trimserve[hub]'` and network)"
     env = os.environ.get(DATA_DIR_ENV)
     if not env:
         raise DataError(
             f"{needed_by} reads {relative} from {DATA_DIR_ENV}, which is not set: "
-            f"set {DATA_DIR_ENV} to a folder holding {relative} (layout in the README)"
+            f"set {DATA_DIR_ENV} to a folder holding {relative} (layout in the README), {fix}"
         )
     root = Path(env).expanduser()
     if not root.is_dir():
-        raise DataError(f"{DATA_DIR_ENV}={env}: no such directory; point it at the data folder")
+        raise DataError(f"{DATA_DIR_ENV}={env}: no such directory; point it at the data folder, {fix}")
     path = root / relative
     if not path.exists():
-        raise DataError(f"{path}: no such file, and {needed_by} needs it; add it under {DATA_DIR_ENV}")
+        raise DataError(f"{path}: no such file, and {needed_by} needs it; add it under {DATA_DIR_ENV}, {fix}")
     return path
 
 

@@ -1,7 +1,7 @@
 """Multiple-choice question sets, in lm-eval-harness's zero-shot prompt formats.
 
 `pubmedqa` (the official 500-question test set, shipped), `medqa`, `medmcqa` and `mmlu[:subject,...]`
-(read from TRIMSERVE_DATA_DIR).
+(read from TRIMSERVE_DATA_DIR); each also as `hub:NAME`, from the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def mmlu_header(subject: str) -> str:
 
 
 def load_mc(name: str, limit: int | None = None) -> list[MCQuestion]:
-    """A multiple-choice set by name (`mmlu:anatomy,virology` selects subjects).
+    """A multiple-choice set by name (`mmlu:anatomy,virology` selects subjects, `hub:` reads the hub).
 
     `limit` keeps the first N questions of the set, or of each subject for MMLU (a stratified sample).
     """
     set_name, records = records_for(name)
     base, _, subjects = set_name.partition(":")
     if base not in MC_SETS:
-        raise DataError(f"unknown multiple-choice set {base!r}; known: {list(MC_SETS)}")
+        raise DataError(f"unknown multiple-choice set {base!r}; known: {list(MC_SETS)}, each also as hub:NAME")
     if base == "mmlu":
         by_subject = records.mmlu(subjects.split(",") if subjects else None)
         return [lettered(r, mmlu_header(s)) for s, rows in by_subject.items() for r in rows[:limit]]

@@ -47,6 +47,8 @@ def test_load_texts_sources(tmp_path):
         load_texts(str(blank))
     with pytest.raises(DataError, match="unknown source"):
         load_texts("no-such-source")
+    with pytest.raises(DataError, match="unknown hub source 'hub:c5'; known: hub:wikitext2, "):
+        load_texts("hub:c5")
     assert len(load_texts("c4")) == 1000
     assert len(load_texts("pubmedqa-test")) == 500 and len(load_texts("pubmedqa-train")) == 500
 

@@ -84,7 +84,7 @@ def test_extra_sets_need_trimserve_data_dir(tmp_path, monkeypatch, capsys):
     ):
         load_mc("medqa")
     err = cli_error(["eval", str(tmp_path / "model"), "--mc", "mmlu"], capsys)
-    assert "set TRIMSERVE_DATA_DIR" in err
+    assert "set TRIMSERVE_DATA_DIR" in err and "hub:mmlu" in err and "pip install 'trimserve[hub]'" in err
     monkeypatch.setenv("TRIMSERVE_DATA_DIR", str(tmp_path / "nowhere"))
     err = cli_error(["eval", str(tmp_path / "model"), "--mc", "medmcqa"], capsys)
     assert f"TRIMSERVE_DATA_DIR={tmp_path / 'nowhere'}: no such directory" in err

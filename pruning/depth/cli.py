@@ -87,7 +87,7 @@ def register(prune_sub: argparse._SubParsersAction, add_model_options) -> None:
 
 
 def _calibration_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calib", default="c4", help="calibration text source (c4)")
+    parser.add_argument("--calib", default="c4", help="calibration text source (default c4; hub:c4 for the full shard)")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (32)")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration window length (512)")
     parser.add_argument("--seed", type=int, default=0)

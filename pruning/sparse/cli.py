@@ -56,7 +56,7 @@ def register(prune_sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="inside a block, recompute inputs after each pruned group of linears (TRIM's input recalculation)",
     )
-    p.add_argument("--calib", default="c4", help="calibration source (default c4)")
+    p.add_argument("--calib", default="c4", help="calibration source (default c4; hub:c4 for the full shard)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
