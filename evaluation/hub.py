@@ -42,7 +42,7 @@ class HubRecords:
         return [r["text"] for r in load("Salesforce/wikitext", SHIPPED, "wikitext-2-raw-v1", split=hub_split)]
 
     def c4_documents(self) -> list[str]:
-        # The shard Wanda and SparseGPT draw calibration windows from (356,317 documents).
+        # The whole shard Wanda and SparseGPT draw calibration windows from (the shipped sample is its start).
         shard = {"train": "en/c4-train.00000-of-01024.json.gz"}
         return [r["text"] for r in load("allenai/c4", SHIPPED, data_files=shard, split="train")]
 
