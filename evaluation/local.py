@@ -46,7 +46,7 @@ def read_shipped(name: str, root: Path | None = None) -> str:
     path = root / f"{name}.xz"
     restore = "; restore it (`git checkout -- evaluation/shipped` in a clone, or reinstall trimserve)"
     sums = require_file(root / SUMS, restore).read_text().splitlines()
-    expected = {name: digest for digest, name in (line.split(maxsplit=1) for line in sums if line.strip())}
+    expected = {file: digest for digest, file in (line.split(maxsplit=1) for line in sums if line.strip())}
     if path.name not in expected:
         raise DataError(f"{path}: not listed in {root / SUMS}{restore}")
     data = require_file(path, restore).read_bytes()
