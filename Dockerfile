@@ -26,12 +26,13 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     TRIMSERVE_DEVICE=cpu \
-    TRIMSERVE_DTYPE=fp32
+    TRIMSERVE_DTYPE=auto
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
 FROM base-${DEVICE} AS runtime
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY evaluation ./evaluation
 COPY pruning ./pruning
 COPY service ./service
 COPY trimserve ./trimserve

@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine: `make run` (the main job) and `make test`.
+# Two entry points on a fresh machine: `make run` (the main job) and `make test`; `make smoke` is CI's
+# quick run of the demo's pruning steps.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 
-.PHONY: setup run test lint format clean prometheus-tools
+.PHONY: setup run test smoke lint format clean prometheus-tools
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,18 @@ test: setup prometheus-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The demo's pruning steps in miniature on the shipped data (a few minutes on two cores): calibrate
+# a depth and a sparse variant on the C4 sample, score both on WikiText-2. Reuses what exists.
+SMOKE := $(OUT)/smoke
+smoke: setup
+	$(BIN)/trimserve model fetch
+	$(BIN)/trimserve prune depth smollm2-135m --method shortgpt --remove 2 --calib c4 --nsamples 4 --seqlen 128 \
+		--out $(SMOKE)/depth2
+	$(BIN)/trimserve prune sparse smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 4 --seqlen 128 \
+		--out $(SMOKE)/sparse50
+	$(BIN)/trimserve eval $(SMOKE)/depth2 --ppl wikitext2 --seqlen 256 --max-windows 2
+	$(BIN)/trimserve eval $(SMOKE)/sparse50 --ppl wikitext2 --seqlen 256 --max-windows 2
 
 lint:
 	$(BIN)/ruff check .

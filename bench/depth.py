@@ -32,16 +32,16 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
+from evaluation.evaluate import window_nll
 from pruning.artifacts import BaseModelRef, CalibrationRef, VariantManifest, save_variant
 from pruning.blocks import decoder_layers, final_norm
-from pruning.data import calibration_windows, eval_windows, load_texts, tokenize_joined
 from pruning.depth.criteria import block_influence
 from pruning.depth.pipeline import Calibration, DepthSettings, prune_depth
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import LOSSES, StreamlineConfig
 from pruning.depth.train import adamw, freeze_all_but
 from pruning.depth.trimllm import TrimLLMConfig, fine_tune, most_important, split_domain
-from pruning.evaluate import window_nll
 from pruning.models import DEFAULT_MODEL, load_model
 from service.engine.llama import LlamaRunner
 

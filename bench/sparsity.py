@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pruning.data import calibration_windows, eval_windows, load_texts, tokenize_joined
-from pruning.evaluate import window_nll
+from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
+from evaluation.evaluate import window_nll
 from pruning.models import DEFAULT_MODEL, load_model
 from pruning.sparse.owl import OwlConfig
 from pruning.sparse.pipeline import SparseConfig, _Runner, outlier_ratios, prune_blocks, prune_model

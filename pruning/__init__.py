@@ -1,1 +1,1 @@
-"""Offline compression of causal LMs: data, evaluation, variant format, and pruning methods."""
+"""Offline compression of causal LMs: models, variant format, and pruning methods."""

@@ -26,6 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MANIFEST = "trimserve.json"
 FORMAT_VERSION = 1
+# Variants are read by other users (a server container's uid, a shared volume): world-readable.
+FILE_MODE, DIR_MODE = 0o644, 0o755
 
 
 class VariantError(RuntimeError):
@@ -206,16 +208,24 @@ def check_output_dir(out_dir: str | Path, manifest: VariantManifest) -> bool:
     return True
 
 
+def make_readable(directory: Path) -> None:
+    """Every file under `directory` FILE_MODE and every folder DIR_MODE, whatever wrote them
+    (mkdtemp and some writers create them private)."""
+    directory.chmod(DIR_MODE)
+    for path in directory.rglob("*"):
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
 @contextmanager
 def staged_directory(target: str | Path) -> Iterator[Path]:
     """A fresh directory beside `target`, renamed onto it when the block succeeds and removed if
-    it fails, so an interrupted write never leaves a partial `target`."""
+    it fails, so an interrupted write never leaves a partial `target`. What lands is world-readable."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; checkpoints are meant to be shared
     try:
         yield tmp
+        make_readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -257,4 +267,5 @@ def write_manifest(directory: str | Path, manifest: VariantManifest) -> None:
     path = Path(directory) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    tmp.chmod(FILE_MODE)
     tmp.replace(path)

@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from evaluation.data import NAMED_SOURCES
+from evaluation.evaluate import evaluate, load_eval_data
 from pruning.artifacts import MANIFEST, read_manifest, write_manifest
-from pruning.data import NAMED_SOURCES
 from pruning.depth import cli as depth_cli
-from pruning.evaluate import evaluate, load_eval_data
 from pruning.models import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, fetch_embedded, load_model
 from pruning.sparse import cli as sparse_cli
 
@@ -30,11 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="perplexity and multiple-choice accuracy of a model",
         description="MODEL is a directory, a .gguf file, a hub id, or a built-in alias "
-        f"({', '.join(EMBEDDED)}). Named text sources: {', '.join(NAMED_SOURCES)}, or a .txt/.jsonl[:field] path.",
+        f"({', '.join(EMBEDDED)}). Named text sources (shipped): {', '.join(NAMED_SOURCES)}; hub:NAME reads the "
+        "full set from the Hugging Face hub (pip install 'trimserve[hub]'); or a .txt/.jsonl[:field] path.",
     )
     ev.add_argument("model")
     ev.add_argument("--ppl", action="append", default=[], metavar="SOURCE", help="perplexity source (repeatable)")
-    ev.add_argument("--mc", action="append", default=[], metavar="SET", help="pubmedqa|medqa|medmcqa|mmlu[:subj,..]")
+    ev.add_argument(
+        "--mc", action="append", default=[], metavar="SET", help="pubmedqa|medqa|medmcqa|mmlu[:subj,..], or hub:SET"
+    )
     ev.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
     ev.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     ev.add_argument(

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,38 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
-def resolve_dtype(name: str, device: str) -> str:
-    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; other names pass through."""
+def cpuinfo_bf16(cpuinfo: str) -> str | None:
+    """The native-bf16 flag (avx512_bf16, amx_bf16) that /proc/cpuinfo text lists, or None."""
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
+    return next((flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags), None)
+
+
+def native_cpu_bf16() -> str | None:
+    """The CPU feature that runs bf16 matrix products natively (avx512_bf16, amx_bf16), or None.
+
+    Asks torch's CPU capability checks (what its kernels dispatch on); without them, /proc/cpuinfo.
+    """
+    checks = (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported"))
+    if all(hasattr(torch.cpu, check) for _, check in checks):
+        return next((flag for flag, check in checks if getattr(torch.cpu, check)()), None)
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo_bf16(cpuinfo.read_text()) if cpuinfo.is_file() else None
+
+
+def resolve_dtype(name: str, device: str, cpu_bf16: Callable[[], str | None] = native_cpu_bf16) -> tuple[str, str]:
+    """The dtype to load with, and why. 'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on
+    a CPU with native bf16 (AVX512-BF16 or AMX; `cpu_bf16` names the feature), else fp32; other names
+    pass through."""
     if name != "auto":
         parse_dtype(name)
-        return name
+        return name, "requested"
     if resolve_device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the CUDA device supports bf16"
+        return "fp16", "auto: the CUDA device lacks bf16"
+    if feature := cpu_bf16():
+        return "bf16", f"auto: the CPU has native bf16 ({feature})"
+    return "fp32", "auto: the CPU lacks native bf16 (AVX512-BF16 or AMX)"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -33,6 +33,7 @@ class LoadedModel:
     name: str
     source: str
     dtype: str
+    dtype_reason: str  # why this dtype (`requested`, or what `auto` found)
     device: torch.device
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -158,7 +159,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def load_one(spec: ModelSpec) -> LoadedModel:
     """Load, verify (manifest hashes) and measure one model."""
     device = spec.device or "cpu"
-    dtype = resolve_dtype(spec.dtype or "auto", device)
+    dtype, dtype_reason = resolve_dtype(spec.dtype or "auto", device)
+    log.info("%s: dtype %s, %s", spec.name, dtype, dtype_reason)
     rss_before, start = process_rss_bytes(), time.perf_counter()
     try:
         model, tokenizer = load_model(spec.source, dtype=dtype, device=device, verify=True)
@@ -171,6 +173,7 @@ def load_one(spec: ModelSpec) -> LoadedModel:
         name=spec.name,
         source=spec.source,
         dtype=dtype,
+        dtype_reason=dtype_reason,
         device=next(model.parameters()).device,
         model=model,
         tokenizer=tokenizer,

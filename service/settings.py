@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)  # empty: the default model and its variants
     config_file: Path | None = None  # TOML or YAML with `models` (and optionally `ab`)
     variants_dir: Path | None = None  # None: pruning.models.variants_dir()
-    dtype: Dtype = "auto"  # bf16 on CUDA (fp16 without bf16 support), fp32 on CPU
+    dtype: Dtype = "auto"  # bf16 on CUDA (fp16 without bf16) and on CPUs with AVX512-BF16 or AMX, else fp32
     device: Device = "cpu"
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
     ab: dict[str, dict[str, int]] = Field(default_factory=dict)  # experiment -> {variant: weight}

@@ -130,6 +130,7 @@ def loaded_model(name: str, model: torch.nn.Module, tokenizer, manifest=None) ->
         name=name,
         source=f"/tmp/{name}",
         dtype="fp32",
+        dtype_reason="requested",
         device=torch.device("cpu"),
         model=model,
         tokenizer=tokenizer,

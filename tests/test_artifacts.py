@@ -1,4 +1,10 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from pruning.artifacts import (
     save_variant,
     verify_variant,
     weight_stats,
+    write_manifest,
 )
 from pruning.models import load_model
 from tests.tiny_models import tiny_llama
@@ -142,3 +149,47 @@ def test_staged_directory_leaves_nothing_behind_on_failure(tmp_path):
     with staged_directory(target) as tmp:
         (tmp / "done.txt").write_text("ok")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "done.txt").is_file()
+
+
+def test_every_file_of_a_variant_is_world_readable(tmp_path, tokenizer):
+    from pruning.sparse.cli import write_variant
+
+    out = tmp_path / "variant"
+    old = os.umask(0o077)  # a private umask: the modes must not depend on it
+    try:
+        write_variant(tiny_llama(layers=1), tokenizer, out, manifest(), compressed=True)
+        write_manifest(out, read_manifest(out))  # rewritten, as `trimserve eval` records scores
+    finally:
+        os.umask(old)
+    paths = [out, *out.rglob("*")]
+    assert {"model.safetensors", "compressed", "tokenizer.json", MANIFEST} <= {p.name for p in paths}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in paths}
+    assert modes == {name: oct(0o755 if (tmp_path / name).is_dir() else 0o644) for name in modes}
+
+
+# Run as root, then switched to uid 10001 (the Docker image's user) before the variant is read;
+# everything the load needs is imported first, as the interpreter may live in root's private home.
+LOAD_AS_OTHER_USER = """
+import os, sys
+from pruning.models import load_model
+load_model(sys.argv[1])
+os.setgroups([]); os.setgid(10001); os.setuid(10001)
+model, _ = load_model(sys.argv[1])
+print(os.getuid(), sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loading a variant as another uid needs root (to switch to uid 10001)")
+def test_another_user_loads_a_variant(tokenizer):
+    base = Path(tempfile.mkdtemp(prefix="trimserve-uid-"))
+    try:
+        base.chmod(0o755)  # mkdtemp makes it private; /tmp itself is open to all
+        model = tiny_llama(layers=1)
+        save_variant(model, tokenizer, base / "variant", manifest())
+        env = {**os.environ, "HOME": str(base), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-c", LOAD_AS_OTHER_USER, str(base / "variant")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["10001", str(sum(p.numel() for p in model.parameters()))]
+    finally:
+        shutil.rmtree(base)

@@ -3,24 +3,17 @@ import random
 
 import pytest
 
-from pruning.data import (
-    DataError,
-    calibration_windows,
-    data_dir,
-    eval_windows,
-    jsonl_texts,
-    load_mc,
-    load_texts,
-    wikitext2_rows,
-    wikitext2_text,
-)
+from evaluation.data import calibration_windows, eval_windows, jsonl_texts, load_texts
+from evaluation.local import LocalRecords
+from evaluation.records import DataError
 
 
 def test_wikitext2_matches_published_layout():
-    rows = wikitext2_rows("test")
+    rows = LocalRecords().wikitext2_rows("test")
     assert len(rows) == 4358  # rows of the hub's wikitext-2-raw-v1 test split
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
-    assert wikitext2_text("test") == "\n\n".join(rows)
+    assert load_texts("wikitext2") == ["\n\n".join(rows)]
+    assert len(LocalRecords().wikitext2_rows("valid")) == 3760
 
 
 def test_jsonl_errors_are_clear(tmp_path):
@@ -54,6 +47,8 @@ def test_load_texts_sources(tmp_path):
         load_texts(str(blank))
     with pytest.raises(DataError, match="unknown source"):
         load_texts("no-such-source")
+    with pytest.raises(DataError, match="unknown hub source 'hub:c5'; known: hub:wikitext2, "):
+        load_texts("hub:c5")
     assert len(load_texts("c4")) == 1000
     assert len(load_texts("pubmedqa-test")) == 500 and len(load_texts("pubmedqa-train")) == 500
 
@@ -99,25 +94,3 @@ def test_eval_windows_drop_remainder():
     assert eval_windows(ids, 3, max_windows=2).shape == (2, 3)
     with pytest.raises(DataError, match="fewer than one window"):
         eval_windows(ids, 11)
-
-
-def test_multiple_choice_sets_have_published_sizes():
-    pubmedqa = load_mc("pubmedqa")
-    assert len(pubmedqa) == 500
-    assert [sum(q.answer == k for q in pubmedqa) for k in range(3)] == [276, 169, 55]
-    assert pubmedqa[0].prompt.startswith("Abstract: ") and pubmedqa[0].prompt.endswith("\nAnswer:")
-    assert len(load_mc("medqa")) == 1273
-    assert len(load_mc("medmcqa")) == 4183
-    anatomy = load_mc("mmlu:anatomy")
-    assert len(anatomy) == 135 and anatomy[0].choices == (" A", " B", " C", " D")
-    assert "about anatomy" in anatomy[0].prompt
-    assert len(load_mc("mmlu", limit=2)) == 2 * 57  # the limit applies per subject
-    with pytest.raises(DataError, match="unknown multiple-choice set"):
-        load_mc("trivia")
-
-
-def test_data_dir_env_override(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRIMSERVE_DATA_DIR", str(tmp_path))
-    assert data_dir() == tmp_path
-    with pytest.raises(DataError, match="TRIMSERVE_DATA_DIR"):
-        load_texts("c4")

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from pruning.data import DataError
+from evaluation.records import DataError
 from pruning.depth.criteria import block_influence
 from pruning.depth.states import depth_states
 from pruning.depth.surgery import remove_layers

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning.data import MCQuestion
-from pruning.evaluate import mc_accuracy, metric_name, option_logprobs, perplexity, window_nll
+from evaluation.evaluate import mc_accuracy, metric_name, option_logprobs, perplexity, window_nll
+from evaluation.questions import MCQuestion
 from tests.tiny_models import tiny_llama
 
 

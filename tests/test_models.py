@@ -1,6 +1,7 @@
 """The embedded default model (integration) and model loading errors."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,17 +64,41 @@ def test_dtype_and_device_settings():
             resolve_device("cuda")
 
 
-def test_auto_dtype_is_half_precision_on_cuda(monkeypatch):
+def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
     from pruning.models import resolve_dtype
 
-    assert resolve_dtype("auto", "cpu") == "fp32"
-    assert resolve_dtype("fp16", "cpu") == "fp16"
+    assert resolve_dtype("auto", "cpu", cpu_bf16=lambda: "avx512_bf16") == (
+        "bf16",
+        "auto: the CPU has native bf16 (avx512_bf16)",
+    )
+    assert resolve_dtype("auto", "cpu", cpu_bf16=lambda: None) == (
+        "fp32",
+        "auto: the CPU lacks native bf16 (AVX512-BF16 or AMX)",
+    )
+    assert resolve_dtype("fp16", "cpu", cpu_bf16=lambda: "amx_bf16") == ("fp16", "requested")
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("fp8", "cpu")
     # The CUDA branch, exercised on CPU by pretending a device is there.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype("auto", "cuda") == "bf16"
-    assert resolve_dtype("auto", "auto") == "bf16"
+    assert resolve_dtype("auto", "cuda") == ("bf16", "auto: the CUDA device supports bf16")
+    assert resolve_dtype("auto", "auto")[0] == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_dtype("auto", "cuda") == "fp16"
+    assert resolve_dtype("auto", "cuda") == ("fp16", "auto: the CUDA device lacks bf16")
+
+
+def test_native_cpu_bf16_asks_torch_then_cpuinfo(monkeypatch):
+    from pruning.models import cpuinfo_bf16, native_cpu_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_cpu_bf16() == "amx_bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_cpu_bf16() is None
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch: read /proc/cpuinfo
+    cpuinfo = Path("/proc/cpuinfo")
+    assert native_cpu_bf16() == (cpuinfo_bf16(cpuinfo.read_text()) if cpuinfo.is_file() else None)
+    flags = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
+    assert cpuinfo_bf16(flags) == "avx512_bf16"
+    assert cpuinfo_bf16(flags.replace("avx512_bf16", "amx_bf16")) == "amx_bf16"
+    assert cpuinfo_bf16("flags\t\t: fpu sse avx2\n") is None

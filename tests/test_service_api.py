@@ -142,6 +142,7 @@ async def test_models_and_variants(server: Server) -> None:
     assert [m.id for m in models.data] == ["full", "small", "chat"]
     info = (await server.http.get("/v1/variants/small")).json()
     assert info["name"] == "small" and info["params"]["total"] > 0 and info["weight_bytes"] > 0
+    assert (info["dtype"], info["dtype_reason"]) == ("fp32", "requested")
     missing = await server.http.get("/v1/variants/nope")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 

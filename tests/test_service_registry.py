@@ -51,6 +51,17 @@ def test_default_specs_find_variants_of_the_default_model(variants: Path, tmp_pa
     assert [s.name for s in default_specs(tmp_path / "missing")] == ["full"]
 
 
+@pytest.mark.parametrize(("native", "dtype", "reason"), [(True, "bf16", "has native bf16"), (False, "fp32", "lacks")])
+def test_auto_dtype_and_its_reason_are_logged(variants, monkeypatch, caplog, native, dtype, reason) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("INFO", logger="service.registry"):
+        loaded = load_one(ModelSpec(name="sparse50", source=str(variants / "sparse50")))
+    assert loaded.dtype == dtype and reason in loaded.dtype_reason
+    assert next(loaded.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert f"sparse50: dtype {dtype}, {loaded.dtype_reason}" in caplog.messages
+
+
 def test_load_one_verifies_and_measures(variants: Path, tmp_path: Path) -> None:
     loaded = load_one(ModelSpec(name="sparse50", source=str(variants / "sparse50"), dtype="fp32", device="cpu"))
     assert loaded.manifest is not None and loaded.manifest.method == "magnitude"
@@ -73,6 +84,7 @@ def test_load_one_verifies_and_measures(variants: Path, tmp_path: Path) -> None:
         == loaded.params_total
     )
     assert described["manifest"]["base"]["source"] == "smollm2-135m" and described["backend"] == "native"
+    assert loaded.dtype_reason == "requested" and described["dtype_reason"].startswith("auto: ")
     # A tampered weight file is refused.
     tampered = tmp_path / "tampered"
     save_variant(

@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
+from evaluation.records import DataError
 from pruning.artifacts import VariantError
-from pruning.data import DataError
 from pruning.models import ModelLoadError
 from service.backend import BackendError
 

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from evaluation.data import calibration_windows, load_texts
 from pruning.artifacts import (
     BaseModelRef,
     CalibrationRef,
@@ -16,7 +17,6 @@ from pruning.artifacts import (
     weights_sha256,
 )
 from pruning.blocks import capture_block_inputs, decoder_layers
-from pruning.data import calibration_windows, load_texts
 from pruning.depth.charts import plot_scan, plot_trajectory
 from pruning.depth.criteria import check_window, scan_scores, sleb_greedy
 from pruning.depth.pipeline import METHODS, DepthSettings, prune_depth
@@ -87,7 +87,7 @@ def register(prune_sub: argparse._SubParsersAction, add_model_options) -> None:
 
 
 def _calibration_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calib", default="c4", help="calibration text source (c4)")
+    parser.add_argument("--calib", default="c4", help="calibration text source (default c4; hub:c4 for the full shard)")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (32)")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration window length (512)")
     parser.add_argument("--seed", type=int, default=0)

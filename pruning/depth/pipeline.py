@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
+from evaluation.evaluate import window_nll
 from pruning.blocks import capture_block_inputs, decoder_layers
-from pruning.data import calibration_windows, eval_windows, load_texts, tokenize_joined
 from pruning.depth.criteria import (
     angular_distance,
     best_window,
@@ -31,7 +32,6 @@ from pruning.depth.states import depth_states
 from pruning.depth.streamline import REPLACEMENTS, StreamlineConfig, streamline
 from pruning.depth.surgery import check_removal, remove_layers
 from pruning.depth.trimllm import TrimLLMConfig, split_domain, trimllm
-from pruning.evaluate import window_nll
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from evaluation.records import DataError
 from pruning.blocks import capture_block_inputs, decoder_layers, final_norm
-from pruning.data import DataError
 from pruning.depth.criteria import block_influence
 from pruning.depth.states import RemovalScan, depth_states, removal_scan
 from pruning.depth.surgery import remove_layers

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from evaluation.data import calibration_windows, load_texts
 from pruning.artifacts import (
     BaseModelRef,
     CalibrationRef,
@@ -21,7 +22,6 @@ from pruning.artifacts import (
     write_manifest,
 )
 from pruning.blocks import LAYOUTS, UnsupportedArchitecture
-from pruning.data import calibration_windows, load_texts
 from pruning.models import load_model, resolve_device, resolve_model
 from pruning.sparse.masks import parse_pattern
 from pruning.sparse.owl import OwlConfig
@@ -56,7 +56,7 @@ def register(prune_sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="inside a block, recompute inputs after each pruned group of linears (TRIM's input recalculation)",
     )
-    p.add_argument("--calib", default="c4", help="calibration source (default c4)")
+    p.add_argument("--calib", default="c4", help="calibration source (default c4; hub:c4 for the full shard)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)

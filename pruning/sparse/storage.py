@@ -68,7 +68,6 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | Path) -> int:
     tensors, metadata = compress_state(state)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
-    Path(path).chmod(0o644)
     return Path(path).stat().st_size
 
 

@@ -135,6 +135,7 @@ class NativeBackend:
         return description | {
             "source": loaded.source,
             "dtype": loaded.dtype,
+            "dtype_reason": loaded.dtype_reason,
             "device": str(loaded.device),
             "params": {"total": loaded.params_total, "nonzero": loaded.params_nonzero},
             "weight_bytes": loaded.weight_bytes,

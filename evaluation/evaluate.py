@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pruning.data import MCQuestion, eval_windows, load_mc, load_texts, tokenize_joined
+from evaluation.data import eval_windows, load_texts, tokenize_joined
+from evaluation.questions import MCQuestion, load_mc
 
 
 def _device(model: torch.nn.Module) -> torch.device:
