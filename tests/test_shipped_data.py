@@ -100,9 +100,11 @@ def test_no_code_outside_bench_looks_for_a_shared_folder():
     skip = {".venv", ".git", ".pytest_cache", ".ruff_cache", "bench", "out", "shipped", "__pycache__", "build"}
     suffixes = {".py", ".sh", ".toml", ".yml", ".yaml", ".cfg", ".ini", ".json"}
     files = [ROOT / "Makefile", ROOT / "Dockerfile", ROOT / ".ci" / "run"]
-    files += [
-        p for p in ROOT.rglob("*") if p.suffix in suffixes and p.is_file() and not skip & set(p.relative_to(ROOT).parts)
-    ]
+    def ours(p: Path) -> bool:  # not a virtual environment (.venv, .venv-vllm) or cache
+        parts = p.relative_to(ROOT).parts
+        return not skip & set(parts) and not parts[0].startswith(".venv")
+
+    files += [p for p in ROOT.rglob("*") if p.suffix in suffixes and p.is_file() and ours(p)]
     this = Path(__file__).resolve()
     offenders = [str(p.relative_to(ROOT)) for p in files if p != this and pattern.search(p.read_text())]
     assert not offenders
