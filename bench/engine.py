@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from pruning.models import DEFAULT_MODEL, load_model
 from service.backend import SamplingParams
-from service.engine.engine import LLMEngine
-from service.engine.runner import make_runner
+from service.engine.engine import LLMEngine, make_runner
 from service.engine.types import EngineConfig
+from variants.load import load_model
+from variants.store import DEFAULT_MODEL
+
+from common import generate_speed
 
 log = logging.getLogger("bench.engine")
 
@@ -32,25 +34,6 @@ log = logging.getLogger("bench.engine")
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(100, vocab, (length,), generator=g).tolist() for _ in range(n)]
-
-
-@torch.inference_mode()
-def bench_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Plain HF generate, batch 1: TTFT from a 1-token call, TPOT from the full call."""
-    kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, **kwargs)  # warm-up
-    ttfts, tpots = [], []
-    for p in prompts:
-        ids = torch.tensor([p])
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kwargs)
-        t1 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
-        t2 = time.perf_counter()
-        assert out.shape[1] == len(p) + new_tokens
-        ttfts.append(t1 - t0)
-        tpots.append((t2 - t1 - (t1 - t0)) / (new_tokens - 1))
-    return {"ttft_ms": 1e3 * statistics.median(ttfts), "tpot_ms": 1e3 * statistics.median(tpots)}
 
 
 @torch.inference_mode()
@@ -141,7 +124,8 @@ def run(model_name: str, dtype: str, prompt_tokens: int, new_tokens: int, reques
     model, tokenizer = load_model(model_name, dtype=dtype)
     vocab = model.get_input_embeddings().weight.shape[0]
     prompts = make_prompts(requests * 4, prompt_tokens, vocab, seed=0)
-    plain = bench_generate(model, prompts[: max(requests // 2, 2)], new_tokens)
+    speed = generate_speed(model, prompts[: max(requests // 2, 2)], new_tokens)
+    plain = {"ttft_ms": 1e3 * speed["ttft_s"], "tpot_ms": 1e3 * speed["tpot_s"]}
     step = step_cpu_ms(model, prompts[0])
     c1 = asyncio.run(bench_engine(model, tokenizer, prompts[:requests], new_tokens, 1))
     c8 = asyncio.run(bench_engine(model, tokenizer, prompts, new_tokens, 8))

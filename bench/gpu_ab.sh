@@ -32,7 +32,8 @@ fi
 read -r FULL LAYERS VARIANTS SPARSE_PCT < <("$BIN/python" - "$MODEL" "$SPARSITY" <<'PY'
 import sys
 from transformers import AutoConfig
-from pruning.models import resolve_model, variants_dir
+from variants.load import resolve_model
+from variants.store import variants_dir
 source = resolve_model(sys.argv[1])
 print(source, AutoConfig.from_pretrained(source).num_hidden_layers, variants_dir(), round(100 * float(sys.argv[2])))
 PY

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import TIE_LOGITS, greedy_margin, machine
 
-from pruning.models import load_model
-from service.loadgen import LoadConfig, RequestResult, make_prompt, markdown, prompt_of, run_bench
+from trimserve.loadgen import LoadConfig, RequestResult, make_prompt, markdown, prompt_of, run_bench
+from variants.load import load_model
+
+from common import TIE_LOGITS, generate_speed, greedy_margin, machine
 
 log = logging.getLogger("bench.serving")
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,34 +52,17 @@ def read_bandwidth_gbps(mb: int = 1024, repeats: int = 5) -> float:
 
 
 def generate_baseline(model_name: str, dtype: str, prompts: list[str], output_tokens: int) -> dict:
-    """Plain `model.generate` at batch 1: TPOT = (t(n tokens) - t(1 token)) / (n - 1), median over prompts."""
+    """Plain `model.generate` at batch 1 on the same prompts, model and dtype (`common.generate_speed`)."""
     model, tokenizer = load_model(model_name, dtype=dtype, device="cpu")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    tpots, ttfts = [], []
-    with torch.inference_mode():
-        for i, prompt in enumerate(prompts):
-            ids = tokenizer(prompt, return_tensors="pt")
-            timings = {}
-            for n in (1, output_tokens):
-                start = time.perf_counter()
-                out = model.generate(
-                    **ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id
-                )
-                timings[n] = time.perf_counter() - start
-                assert out.shape[1] == ids["input_ids"].shape[1] + n
-            if i == 0:
-                continue  # warm-up
-            ttfts.append(timings[1])
-            tpots.append((timings[output_tokens] - timings[1]) / (output_tokens - 1))
+    speed = generate_speed(model, [tokenizer(p)["input_ids"] for p in prompts], output_tokens)
     del model
     gc.collect()
-    tpots.sort()
-    ttfts.sort()
     return {
-        "tpot_s_p50": tpots[len(tpots) // 2],
-        "ttft_s_p50": ttfts[len(ttfts) // 2],
-        "tokens_per_s": 1 / tpots[len(tpots) // 2],
-        "prompts": len(tpots),
+        "tpot_s_p50": speed["tpot_s"],
+        "ttft_s_p50": speed["ttft_s"],
+        "tokens_per_s": 1 / speed["tpot_s"],
+        "prompts": len(prompts) - 1,
         "weight_bytes": weight_bytes,
     }
 

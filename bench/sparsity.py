@@ -23,10 +23,11 @@ import torch
 
 from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
 from evaluation.evaluate import window_nll
-from pruning.models import DEFAULT_MODEL, load_model
 from pruning.sparse.owl import OwlConfig
-from pruning.sparse.pipeline import SparseConfig, _Runner, outlier_ratios, prune_blocks, prune_model
+from pruning.sparse.pipeline import SparseConfig, owl_outlier_ratios, prune_model
 from pruning.sparse.trim import TrimConfig
+from variants.load import load_model
+from variants.store import DEFAULT_MODEL
 
 log = logging.getLogger("bench.sparsity")
 
@@ -129,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             lod_key = f"n{args.nsamples}x{args.seqlen} seed{args.seed} m{OWL.m}"
             reused = bool(cfg.owl) and lod_key in lods
-            if cfg.calibrated:
-                runner = _Runner(model, calib, torch.device("cpu"), False, args.batch_size)
-                if cfg.owl and not reused:
-                    lods[lod_key] = {"lod": outlier_ratios(runner, cfg.owl), "seconds": time.perf_counter() - start}
-                report = prune_blocks(runner, cfg, lods[lod_key]["lod"] if cfg.owl else None)
-            else:
-                report = prune_model(model, None, cfg)
+            if cfg.owl and not reused:
+                lod = owl_outlier_ratios(model, calib, cfg.owl, batch_size=args.batch_size)
+                lods[lod_key] = {"lod": lod, "seconds": time.perf_counter() - start}
+            lod = lods[lod_key]["lod"] if cfg.owl else None
+            report = prune_model(model, calib if cfg.calibrated else None, cfg, batch_size=args.batch_size, lod=lod)
             # The dense OWL pass runs once and is reused; its time counts in every OWL row.
             row["owl_pass_s"] = lods[lod_key]["seconds"] if cfg.owl else 0.0
             row["prune_s"] = time.perf_counter() - start + (row["owl_pass_s"] if reused else 0.0)

@@ -9,6 +9,7 @@ model until the first block and stopping there; each block then runs alone on th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +98,17 @@ def capture_block_inputs(
     # Caches and cache flags are irrelevant when blocks run alone on full windows.
     for key in ("past_key_values", "past_key_value", "cache", "use_cache", "cache_position"):
         kwargs.pop(key, None)
-    return torch.cat(inputs), _to_device(kwargs, device)
+    return torch.cat(inputs), to_device(kwargs, device)
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors inside `value` (nested tuples, lists, dicts) moved to `device`."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple | list):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -116,7 +118,26 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def run_blocks(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 1) -> torch.Tensor:
-    """Run one block over all captured windows (n, seqlen, hidden), `batch_size` at a time."""
-    return torch.cat([run_block(block, inputs[i : i + batch_size], kwargs) for i in range(0, len(inputs), batch_size)])
+def run_layers(
+    layers: Sequence[nn.Module],
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    batch_size: int | None = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Consecutive layers over cached states (n, seqlen, hidden), `batch_size` windows at a time (None:
+    all at once), each batch moved to the layers' device; the results are written into `out`
+    (any device, e.g. host memory when offloading) or returned as a new tensor. Gradients follow the
+    caller: calibration passes run this under no_grad, training steps through it."""
+    device = next(layers[0].parameters()).device if layers else hidden.device
+    step = batch_size or len(hidden)
+    pieces = []
+    for start in range(0, len(hidden), step):
+        h = hidden[start : start + step].to(device)
+        for layer in layers:
+            h = run_block(layer, h, kwargs)
+        if out is None:
+            pieces.append(h)
+        else:
+            out[start : start + step] = h.to(out.device)
+    return torch.cat(pieces) if out is None else out

@@ -23,7 +23,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "1/5 fetch the default model ($MODEL)"
 FULL=$("$TS" model fetch "$MODEL")
-VARIANTS=$("$BIN/python" -c 'from pruning.models import variants_dir; print(variants_dir())')
+VARIANTS=$("$BIN/python" -c 'from variants.store import variants_dir; print(variants_dir())')
 DEPTH="$VARIANTS/depth8"
 SPARSE="$VARIANTS/sparse50"
 echo "$FULL"

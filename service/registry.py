@@ -1,49 +1,25 @@
-"""Which models the server loads, and loading them with their manifests and measurements.
+"""Which models the server serves, and with which backend (no loading here; no torch).
 
-Three sources, first match wins: `--model NAME=PATH` (settings.models), a config file (TOML or
-YAML: `models = [{name, source|path, dtype, device}]`, optional `ab`), or the default: the
-embedded default model as `full` plus every variant in the variants directory built from it.
+Three sources, first match wins: `--model NAME=SOURCE` (settings.models), a config file (TOML or
+YAML: `models = [{name, source|path|url, backend, dtype, device, ...}]`, optional `ab`), or the
+default: the embedded default model as `full` plus every variant in the variants directory built
+from it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from pydantic import ValidationError
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pruning.artifacts import MANIFEST, VariantError, VariantManifest, read_manifest, weight_stats
-from pruning.models import DEFAULT_MODEL, ModelLoadError, load_model, resolve_dtype, resolve_model, variants_dir
-from service.memory import process_rss_bytes
 from service.settings import ModelSpec, Settings
+from variants.format import MANIFEST, VariantError, read_manifest
+from variants.store import DEFAULT_MODEL, variants_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    """A model in memory plus what the server reports about it."""
-
-    name: str
-    source: str
-    dtype: str
-    dtype_reason: str  # why this dtype (`requested`, or what `auto` found)
-    device: torch.device
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    manifest: VariantManifest | None
-    load_seconds: float
-    load_rss_bytes: int
-    params_total: int
-    params_nonzero: int
-    weight_bytes: int
-    loaded_at: float
 
 
 def parse_model_arg(text: str) -> ModelSpec:
@@ -139,62 +115,3 @@ def model_specs(settings: Settings) -> tuple[list[ModelSpec], dict[str, dict[str
 def read_manifest_json(directory: Path) -> dict | None:
     """A variant directory's manifest as JSON (None when it is not a variant)."""
     return read_manifest(directory).model_dump(mode="json") if (directory / MANIFEST).is_file() else None
-
-
-def _manifest_of(source: str) -> VariantManifest | None:
-    path = Path(resolve_model(source))
-    return read_manifest(path) if (path / MANIFEST).is_file() else None
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def load_one(spec: ModelSpec) -> LoadedModel:
-    """Load, verify (manifest hashes) and measure one model."""
-    device = spec.device or "cpu"
-    dtype, dtype_reason = resolve_dtype(spec.dtype or "auto", device)
-    log.info("%s: dtype %s, %s", spec.name, dtype, dtype_reason)
-    rss_before, start = process_rss_bytes(), time.perf_counter()
-    try:
-        model, tokenizer = load_model(spec.source, dtype=dtype, device=device, verify=True)
-        manifest = _manifest_of(spec.source)
-    except (ModelLoadError, VariantError) as err:
-        raise type(err)(f"model {spec.name!r}: {err}") from err
-    seconds = time.perf_counter() - start
-    counts, _ = weight_stats(model)
-    loaded = LoadedModel(
-        name=spec.name,
-        source=spec.source,
-        dtype=dtype,
-        dtype_reason=dtype_reason,
-        device=next(model.parameters()).device,
-        model=model,
-        tokenizer=tokenizer,
-        manifest=manifest,
-        load_seconds=seconds,
-        load_rss_bytes=max(0, process_rss_bytes() - rss_before),
-        params_total=counts.total,
-        params_nonzero=counts.nonzero,
-        weight_bytes=weight_bytes(model),
-        loaded_at=time.time(),
-    )
-    log.info(
-        "loaded %s from %s (%s, %s) in %.1f s: %.1fM params (%.1fM non-zero), %.0f MB weights%s",
-        spec.name,
-        spec.source,
-        dtype,
-        loaded.device,
-        seconds,
-        counts.total / 1e6,
-        counts.nonzero / 1e6,
-        loaded.weight_bytes / 1e6,
-        f", manifest method {manifest.method}" if manifest else "",
-    )
-    return loaded

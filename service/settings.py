@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     models: list[ModelSpec] = Field(default_factory=list)  # empty: the default model and its variants
     config_file: Path | None = None  # TOML or YAML with `models` (and optionally `ab`)
-    variants_dir: Path | None = None  # None: pruning.models.variants_dir()
+    variants_dir: Path | None = None  # None: variants.store.variants_dir()
     dtype: Dtype = "auto"  # bf16 on CUDA (fp16 without bf16) and on CPUs with AVX512-BF16 or AMX, else fp32
     device: Device = "cpu"
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedModel
 
-from pruning.models import DEFAULT_MODEL, fetch_embedded
 from tests.tiny_models import TINY_MODELS
+from variants.load import fetch_embedded
+from variants.store import DEFAULT_MODEL
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))

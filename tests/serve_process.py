@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from pruning.artifacts import BaseModelRef, VariantManifest, save_variant
 from tests.tiny_models import tiny_llama
+from variants.format import BaseModelRef, VariantManifest
+from variants.write import save_variant
 
 CONTEXT = 4096  # long enough for a stream to outlive a short shutdown timeout
 

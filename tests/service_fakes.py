@@ -24,8 +24,8 @@ from service.backend import (
 )
 from service.backends.native import NativeBackend
 from service.engine.types import EngineConfig, TokenEvent
-from service.registry import LoadedModel, weight_bytes
 from service.settings import Settings
+from variants.load import LoadedVariant, weight_bytes
 
 
 class FakeEngine:
@@ -117,7 +117,7 @@ def fake_backends(
             name,
             f"/tmp/{name}",
             "cpu",
-            lambda name=name: loaded_model(name, model, tokenizer),
+            lambda device, name=name: loaded_model(name, model, tokenizer),
             settings.engine_config(),
             engine_factory=engine_factory,
         )
@@ -125,8 +125,8 @@ def fake_backends(
     ]
 
 
-def loaded_model(name: str, model: torch.nn.Module, tokenizer, manifest=None) -> LoadedModel:
-    return LoadedModel(
+def loaded_model(name: str, model: torch.nn.Module, tokenizer, manifest=None) -> LoadedVariant:
+    return LoadedVariant(
         name=name,
         source=f"/tmp/{name}",
         dtype="fp32",

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning.artifacts import (
+from tests.tiny_models import tiny_llama
+from variants.format import (
     MANIFEST,
     BaseModelRef,
     CalibrationRef,
@@ -18,13 +19,11 @@ from pruning.artifacts import (
     VariantManifest,
     check_output_dir,
     read_manifest,
-    save_variant,
     verify_variant,
-    weight_stats,
     write_manifest,
 )
-from pruning.models import load_model
-from tests.tiny_models import tiny_llama
+from variants.load import load_model
+from variants.write import save_variant, weight_stats
 
 
 def manifest(**changes) -> VariantManifest:
@@ -139,7 +138,7 @@ def test_weight_stats_count_tied_embeddings_once():
 
 
 def test_staged_directory_leaves_nothing_behind_on_failure(tmp_path):
-    from pruning.artifacts import staged_directory
+    from variants.format import staged_directory
 
     target = tmp_path / "out"
     with pytest.raises(RuntimeError), staged_directory(target) as tmp:
@@ -152,7 +151,7 @@ def test_staged_directory_leaves_nothing_behind_on_failure(tmp_path):
 
 
 def test_every_file_of_a_variant_is_world_readable(tmp_path, tokenizer):
-    from pruning.sparse.cli import write_variant
+    from variants.write import write_sparse_variant as write_variant
 
     out = tmp_path / "variant"
     old = os.umask(0o077)  # a private umask: the modes must not depend on it
@@ -171,7 +170,7 @@ def test_every_file_of_a_variant_is_world_readable(tmp_path, tokenizer):
 # everything the load needs is imported first, as the interpreter may live in root's private home.
 LOAD_AS_OTHER_USER = """
 import os, sys
-from pruning.models import load_model
+from variants.load import load_model
 load_model(sys.argv[1])
 os.setgroups([]); os.setgid(10001); os.setuid(10001)
 model, _ = load_model(sys.argv[1])
@@ -193,3 +192,18 @@ def test_another_user_loads_a_variant(tokenizer):
         assert proc.stdout.split() == ["10001", str(sum(p.numel() for p in model.parameters()))]
     finally:
         shutil.rmtree(base)
+
+
+def test_ffn_only_layers_are_recorded_at_save_and_restored_at_load(tmp_path, tokenizer):
+    from pruning.depth.ffn import NoOpAttention, make_noop
+    from variants.noop import NOOP_KEY, noop_layers
+
+    model = tiny_llama(layers=3)
+    make_noop(model.model.layers[1], 1)
+    manifest = VariantManifest(name="ffn", base=BaseModelRef(source="random"), method="depth/streamline")
+    save_variant(model, tokenizer, tmp_path / "ffn", manifest)
+    assert json.loads((tmp_path / "ffn" / "config.json").read_text())[NOOP_KEY] == [1]
+    loaded, _ = load_model(tmp_path / "ffn")
+    assert noop_layers(loaded) == [1] and isinstance(loaded.model.layers[1].self_attn, NoOpAttention)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

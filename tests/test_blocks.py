@@ -8,7 +8,7 @@ from pruning.blocks import (
     decoder_layers,
     final_norm,
     linear_layers,
-    run_blocks,
+    run_layers,
 )
 
 
@@ -17,7 +17,7 @@ def test_block_by_block_reproduces_full_forward(tiny_model):
     hidden, kwargs = capture_block_inputs(tiny_model, windows)
     assert hidden.shape == (3, 24, tiny_model.config.hidden_size)
     for block in decoder_layers(tiny_model):
-        hidden = run_blocks(block, hidden, kwargs, batch_size=2)
+        hidden = run_layers([block], hidden, kwargs, batch_size=2)
     hidden = final_norm(tiny_model)(hidden)
     project_out = getattr(tiny_model.model.get_decoder(), "project_out", None)
     if project_out is not None:

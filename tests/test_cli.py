@@ -60,7 +60,7 @@ def test_console_script_evaluates_the_default_model(tmp_path, default_model_dir)
 
 
 def test_eval_records_scores_in_the_variant_manifest(tiny_dir, tmp_path):
-    from pruning.artifacts import read_manifest, verify_variant
+    from variants.format import read_manifest, verify_variant
 
     text = tmp_path / "notes.txt"
     text.write_text("Discharge summary: the patient recovered well after surgery. " * 40)

@@ -19,9 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from pruning.artifacts import BaseModelRef, VariantManifest, save_variant
 from tests.test_deploy_metrics import DASHBOARD, dashboard_expressions
 from tests.tiny_models import tiny_llama
+from variants.format import BaseModelRef, VariantManifest
+from variants.write import save_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

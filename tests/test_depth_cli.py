@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import pruning.depth.pipeline as pipeline
-from pruning.artifacts import read_manifest
-from pruning.models import load_model
+import variants.build as build
 from tests.tiny_models import save_tiny_variant
 from trimserve.cli import main
+from variants.format import read_manifest
+from variants.load import load_model
 
 CALIB = ["--calib", "c4", "--nsamples", "2", "--seqlen", "32"]
 
@@ -87,7 +88,7 @@ def test_depth_scan_prints_and_saves_scores(tiny_dir, tmp_path, capsys):
     ],
 )
 def test_bad_input_fails_before_calibration(tiny_dir, tmp_path, monkeypatch, args, message, capsys):
-    monkeypatch.setattr(pipeline, "calibration_windows", _no_work)
+    monkeypatch.setattr(build, "calibration_windows", _no_work)
     assert main(["prune", "depth", str(tiny_dir), *args, *CALIB, "--out", str(tmp_path / "v")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

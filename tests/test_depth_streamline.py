@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.artifacts import BaseModelRef, VariantManifest, read_manifest, save_variant
 from pruning.blocks import decoder_layers, run_block
-from pruning.depth.noop import NOOP_KEY, NoOpAttention, ffn_layer, mark_noop_layers
+from pruning.depth.ffn import NoOpAttention, ffn_layer
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import StreamlineConfig, streamline, tail_kd_loss, tail_lm_loss, train_mse
 from pruning.depth.surgery import replace_window
 from pruning.depth.train import lm_loss
-from pruning.models import load_model
 from tests.tiny_models import tiny_llama, tiny_opt
+from variants.format import BaseModelRef, VariantManifest, read_manifest
+from variants.load import load_model
+from variants.noop import noop_layers
+from variants.write import save_variant
 
 
 def _calib(n: int = 4, seqlen: int = 16) -> torch.Tensor:
@@ -32,8 +34,7 @@ def test_training_reduces_mse_and_picks_the_most_similar_window(replacement):
     assert model.config.num_hidden_layers == 4
     block = decoder_layers(model)[result.start]
     assert isinstance(block.self_attn, NoOpAttention) == (replacement == "ffn")
-    if replacement == "ffn":
-        assert getattr(model.config, NOOP_KEY) == [result.start]
+    assert noop_layers(model) == ([result.start] if replacement == "ffn" else [])
 
 
 def test_bf16_autocast_and_sampled_kd_positions_train_fp32_weights():
@@ -153,7 +154,6 @@ def test_bad_streamline_inputs():
 def test_noop_layer_first_keeps_the_kv_cache_consistent():
     model = tiny_llama(layers=4)
     replace_window(model, 0, 2, ffn_layer(decoder_layers(model)[0], 0))
-    mark_noop_layers(model)
     ids = _calib(n=1, seqlen=8)
     out = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():

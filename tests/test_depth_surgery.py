@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.artifacts import BaseModelRef, VariantManifest, save_variant
 from pruning.blocks import decoder_layers
 from pruning.depth.surgery import remove_layers, replace_window
-from pruning.models import load_model
 from tests.tiny_models import tiny_llama, tiny_opt, tiny_qwen2
+from variants.format import BaseModelRef, VariantManifest
+from variants.load import load_model
+from variants.write import save_variant
 
 
 def _ids(n: int = 12, seed: int = 0) -> torch.Tensor:

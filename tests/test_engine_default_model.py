@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning.models import load_model
 from service.backend import SamplingParams
 from service.engine.engine import LLMEngine
 from service.engine.llama import LlamaRunner
 from service.engine.types import EngineConfig
+from variants.load import load_model
 
 
 @pytest.mark.integration

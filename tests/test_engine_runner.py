@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from service.backend import SamplingParams
+from service.engine.engine import make_runner
 from service.engine.llama import LlamaRunner, can_pack, unsupported_reason
-from service.engine.runner import HFRunner, make_runner
+from service.engine.runner import HFRunner
 from service.engine.sampling import make_generator, sample_one, top_p_filter
 from tests.tiny_models import tiny_llama, tiny_opt
 
@@ -68,8 +69,10 @@ def test_cache_grows_past_its_first_capacity() -> None:
 
 
 def test_layer_without_attention_runs_its_mlp_only() -> None:
+    from pruning.depth.ffn import make_noop
+
     model = tiny_llama()
-    model.model.layers[1].self_attn = torch.nn.Identity()
+    make_noop(model.model.layers[1], 1)
     assert unsupported_reason(model) is None
     runner = make_runner(model, 2, 64)
     x = torch.randn(1, 3, 64)
@@ -121,7 +124,7 @@ def test_extreme_but_valid_sampling_settings_give_a_token(temperature: float, to
 
 
 def test_ffn_replacement_layers_match_generate() -> None:
-    from pruning.depth.noop import make_noop
+    from pruning.depth.ffn import make_noop
 
     model = tiny_llama()
     make_noop(model.model.layers[0], 0)

@@ -72,7 +72,7 @@ def test_random_traffic_on_tiny_models(arch: str, seed: int) -> None:
 
 @pytest.mark.integration
 def test_random_traffic_on_the_default_model(default_model_dir) -> None:
-    from pruning.models import load_model
+    from variants.load import load_model
 
     model, tokenizer = load_model(str(default_model_dir), dtype="fp32")
     outcomes, max_seq, gauges = run_schedule(

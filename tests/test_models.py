@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pruning.models import ModelLoadError, fetch_embedded, load_model, parse_dtype, resolve_device, resolve_model
+from variants.load import ModelLoadError, fetch_embedded, load_model, parse_dtype, resolve_device, resolve_model
 
 
 @pytest.mark.integration
@@ -65,7 +65,7 @@ def test_dtype_and_device_settings():
 
 
 def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
-    from pruning.models import resolve_dtype
+    from variants.load import resolve_dtype
 
     assert resolve_dtype("auto", "cpu", cpu_bf16=lambda: "avx512_bf16") == (
         "bf16",
@@ -88,7 +88,7 @@ def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
 
 
 def test_native_cpu_bf16_asks_torch_then_cpuinfo(monkeypatch):
-    from pruning.models import cpuinfo_bf16, native_cpu_bf16
+    from variants.load import cpuinfo_bf16, native_cpu_bf16
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)

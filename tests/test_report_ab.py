@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from pruning.artifacts import BaseModelRef, ParamCounts, VariantManifest, write_manifest
 from service.metrics import Metrics
 from tests.tiny_models import tiny_llama
 from trimserve.cli import main
@@ -23,6 +22,7 @@ from trimserve.report import (
     pareto_front,
     read_memory,
 )
+from variants.format import BaseModelRef, ParamCounts, VariantManifest, write_manifest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from service.cli import serve_settings
-from service.loadgen import LoadConfig, make_prompt, markdown, request_shape, run_bench
 from service.settings import Settings
 from tests.service_fakes import FakeEngine, fake_backends
 from tests.test_service_server import LiveServer, wait_for
 from tests.tiny_models import tiny_llama
 from trimserve.cli import build_parser, main
+from trimserve.cli.serve import serve_settings
+from trimserve.loadgen import LoadConfig, make_prompt, markdown, request_shape, run_bench
 
 STATS = {"p50", "p90", "p99", "mean"}
 TIMES = ("ttft_s", "tpot_s", "e2e_s")

@@ -10,16 +10,18 @@ import httpx2
 import pytest
 import torch
 
-from pruning.artifacts import BaseModelRef, VariantError, VariantManifest, save_variant
 from service.ab import Experiment, experiments_from, parse_ab
 from service.app import create_app, record_backend
 from service.backends import make_backend
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest
-from service.registry import default_specs, load_one, model_specs, parse_model_arg, read_config
+from service.registry import default_specs, model_specs, parse_model_arg, read_config
 from service.settings import ModelSpec, Settings
 from service.textstream import IncrementalDetokenizer, StopMatcher
 from tests.tiny_models import tiny_llama
+from variants.format import BaseModelRef, VariantError, VariantManifest
+from variants.load import load_variant
+from variants.write import save_variant
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +57,15 @@ def test_default_specs_find_variants_of_the_default_model(variants: Path, tmp_pa
 def test_auto_dtype_and_its_reason_are_logged(variants, monkeypatch, caplog, native, dtype, reason) -> None:
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    with caplog.at_level("INFO", logger="service.registry"):
-        loaded = load_one(ModelSpec(name="sparse50", source=str(variants / "sparse50")))
+    with caplog.at_level("INFO", logger="variants.load"):
+        loaded = load_variant("sparse50", str(variants / "sparse50"))
     assert loaded.dtype == dtype and reason in loaded.dtype_reason
     assert next(loaded.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
     assert f"sparse50: dtype {dtype}, {loaded.dtype_reason}" in caplog.messages
 
 
 def test_load_one_verifies_and_measures(variants: Path, tmp_path: Path) -> None:
-    loaded = load_one(ModelSpec(name="sparse50", source=str(variants / "sparse50"), dtype="fp32", device="cpu"))
+    loaded = load_variant("sparse50", str(variants / "sparse50"), "fp32", "cpu")
     assert loaded.manifest is not None and loaded.manifest.method == "magnitude"
     zeros = 2 * loaded.model.model.layers[0].mlp.up_proj.weight[:, ::2].numel()
     padding_row = int((loaded.model.model.embed_tokens.weight == 0).sum())  # pad token's embedding
@@ -97,7 +99,7 @@ def test_load_one_verifies_and_measures(variants: Path, tmp_path: Path) -> None:
         f.seek(-8, 2)
         f.write(b"\x01" * 8)
     with pytest.raises(VariantError, match="sha256"):
-        load_one(ModelSpec(name="t", source=str(tampered)))
+        load_variant("t", str(tampered))
 
 
 def test_config_files_toml_and_yaml(tmp_path: Path) -> None:

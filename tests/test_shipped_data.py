@@ -100,6 +100,7 @@ def test_no_code_outside_bench_looks_for_a_shared_folder():
     skip = {".venv", ".git", ".pytest_cache", ".ruff_cache", "bench", "out", "shipped", "__pycache__", "build"}
     suffixes = {".py", ".sh", ".toml", ".yml", ".yaml", ".cfg", ".ini", ".json"}
     files = [ROOT / "Makefile", ROOT / "Dockerfile", ROOT / ".ci" / "run"]
+
     def ours(p: Path) -> bool:  # not a virtual environment (.venv, .venv-vllm) or cache
         parts = p.relative_to(ROOT).parts
         return not skip & set(parts) and not parts[0].startswith(".venv")

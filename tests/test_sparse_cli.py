@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pruning.artifacts import read_manifest, verify_variant
-from pruning.models import load_model
-from pruning.sparse.storage import load_compressed_model
 from tests.tiny_models import save_tiny_variant
 from trimserve.cli import main
+from variants.compressed import load_compressed_model
+from variants.format import read_manifest, verify_variant
+from variants.load import load_model
 
 CALIB = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32"]
 

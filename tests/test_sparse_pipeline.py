@@ -9,10 +9,10 @@ from pruning.blocks import decoder_layers, linear_layers
 from pruning.sparse.magnitude import magnitude_mask
 from pruning.sparse.owl import OwlConfig
 from pruning.sparse.pipeline import SparseConfig, prune_model
-from pruning.sparse.storage import load_compressed, nonzero_bits, save_compressed, unique_state
 from pruning.sparse.trim import TrimConfig
 from pruning.sparse.wanda import wanda_mask
 from tests.tiny_models import TINY_MODELS, tiny_llama
+from variants.compressed import load_compressed, nonzero_bits, save_compressed, unique_state
 
 WINDOWS = torch.randint(3, 1000, (6, 24), generator=torch.Generator().manual_seed(0))
 CONFIGS = {

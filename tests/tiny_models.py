@@ -14,7 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pruning.artifacts import BaseModelRef, VariantManifest, save_variant
+from variants.format import BaseModelRef, VariantManifest
+from variants.write import save_variant
 
 TINY_VOCAB = 49152  # the default model's tokenizer, so tiny models can share it
 

@@ -6,7 +6,6 @@ speed with the Pareto front marked, and the latency distributions of every varia
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -18,8 +17,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 
-from pruning.artifacts import MANIFEST, read_manifest, weight_files
-from pruning.models import DEFAULT_MODEL, cache_dir, variants_dir
+from variants.format import MANIFEST, read_manifest, weight_files
+from variants.store import DEFAULT_MODEL, cache_dir, variants_dir
 
 log = logging.getLogger(__name__)
 
@@ -251,54 +250,3 @@ def write_report(rows: list[Row], bench: dict[str, Any], baseline: str, quality:
     path = out / "report.md"
     path.write_text("\n".join(parts) + "\n")
     return path
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise ValueError(f"{flag} expects NAME=PATH, got {item!r}")
-        pairs[name] = value
-    return pairs
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    report = sub.add_parser(
-        "report",
-        help="combine variant manifests and a bench run into a markdown table and charts",
-        description="Variants not given with --variant are looked up by their bench name in the variants "
-        f"directory ($TRIMSERVE_CACHE/variants); the baseline falls back to the cached {DEFAULT_MODEL}.",
-    )
-    report.add_argument(
-        "--bench",
-        type=Path,
-        action="append",
-        required=True,
-        help="a `trimserve bench --json` file (repeat to combine per-variant runs)",
-    )
-    report.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="a variant's checkpoint")
-    report.add_argument("--eval", action="append", default=[], metavar="NAME=JSON", help="`trimserve eval --json` file")
-    report.add_argument("--metrics", default=None, metavar="URL|FILE", help="the server's /metrics, for memory")
-    report.add_argument("--baseline", default="full", help="the variant ratios are taken against (default full)")
-    report.add_argument("--quality", default=None, help="Pareto chart's quality metric (default ppl_wikitext2)")
-    report.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
-    report.set_defaults(func=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    bench = merge_benches([load_bench(path) for path in args.bench])
-    dirs = {name: Path(d).expanduser() for name, d in _pairs(args.variant, "--variant").items()}
-    for name, directory in dirs.items():
-        if not (directory / "config.json").is_file():
-            raise ValueError(f"--variant {name}: {directory} is not a model checkpoint (no config.json)")
-    evals = {}
-    for name, file in _pairs(args.eval, "--eval").items():
-        scores = json.loads(Path(file).read_text())
-        evals[name] = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
-    memory = read_memory(args.metrics) if args.metrics else {}
-    rows = build_rows(bench, dirs, evals, memory, args.baseline)
-    path = write_report(rows, bench, args.baseline, args.quality, args.out)
-    print(markdown_table(rows, args.baseline))
-    print(f"report: {path}")
-    return 0

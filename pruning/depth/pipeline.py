@@ -1,23 +1,21 @@
-"""One entry point per depth method: calibration data in, pruned model plus manifest stats out.
+"""One entry point for every depth method: the model and its inputs in, the pruned model and stats out.
 
-`DepthSettings` holds every knob (validated before any work); `prune_depth` loads calibration
-windows, runs the method on the model in place and returns what goes into the manifest.
+`DepthSettings` holds every knob of the method (validated before any work); `prune_depth` runs it
+on the model in place from calibration windows (or their cached states), or for TrimLLM from the
+domain's token stream, and returns what goes into the manifest. Reading data is the caller's job.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
-from evaluation.evaluate import window_nll
 from pruning.blocks import capture_block_inputs, decoder_layers
 from pruning.depth.criteria import (
     angular_distance,
@@ -27,11 +25,10 @@ from pruning.depth.criteria import (
     lowest,
     sleb_greedy,
 )
-from pruning.depth.noop import NOOP_KEY, NOOP_NOTE
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import REPLACEMENTS, StreamlineConfig, streamline
 from pruning.depth.surgery import check_removal, remove_layers
-from pruning.depth.trimllm import TrimLLMConfig, split_domain, trimllm
+from pruning.depth.trimllm import TrimLLMConfig, trimllm
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +39,15 @@ METHODS = ("streamline", "shortgpt", "angular", "sleb", "trimllm")
 class DepthSettings:
     method: str
     remove: int
-    calib: str = "c4"
-    nsamples: int = 32
-    seqlen: int = 512
     seed: int = 0
     streamline: StreamlineConfig | None = None  # method streamline (default: layer replacement, MSE)
     trimllm: TrimLLMConfig | None = None  # method trimllm
-    domain: str | None = None  # trimllm's domain text source
-    track_windows: int = 0  # trimllm: WikiText-2 windows (of seqlen) scored after every drop
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
         if self.remove < 1:
             raise ValueError(f"--remove must be at least 1 (got {self.remove})")
-        if self.track_windows < 0:
-            raise ValueError(f"track_windows must be >= 0 (got {self.track_windows})")
-        if self.nsamples < 1 or self.seqlen < 2:
-            raise ValueError("nsamples must be >= 1 and seqlen >= 2")
-        if self.method == "trimllm" and not self.domain:
-            raise ValueError("trimllm needs a domain text source (--domain)")
         if self.method == "streamline" and self.streamline is None:
             object.__setattr__(self, "streamline", StreamlineConfig(remove=self.remove, seed=self.seed))
         if self.method == "trimllm" and self.trimllm is None:
@@ -81,15 +67,11 @@ class DepthSettings:
         elif self.method == "sleb" and self.remove > num_layers - 2:
             raise ValueError(f"SLEB keeps the first and last layer: at most {num_layers - 2} of {num_layers}")
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class DepthOutcome:
     removed: list[int]  # original indices of layers gone (a replaced window counts all its layers)
     stats: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -104,29 +86,28 @@ class Calibration:
 
 def prune_depth(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
     settings: DepthSettings,
     calibration: Calibration | None = None,
+    domain: torch.Tensor | None = None,
+    tracker: Callable[[PreTrainedModel], float] | None = None,
 ) -> DepthOutcome:
     """Run the configured method on `model` in place.
 
-    `calibration` lets a caller share one calibration pass between methods (it must come from
-    this model and these settings); by default the windows are drawn from `settings.calib`.
+    Every method but TrimLLM reads `calibration` (windows, and optionally their states h_0 .. h_L
+    from this model, so callers can share one pass between methods); TrimLLM reads `domain`, the
+    domain text's token ids, and reports `tracker(model)` (e.g. WikiText-2 perplexity) per drop.
     """
     num_layers = len(decoder_layers(model))
     settings.check(num_layers)
     began = time.perf_counter()
     if settings.method == "trimllm":
-        stream = tokenize_joined(load_texts(settings.domain), tokenizer)
-        split_domain(stream, settings.trimllm)  # too little text: fail before any work
-        result = trimllm(model, stream, settings.trimllm, _wikitext_tracker(tokenizer, settings))
+        if domain is None:
+            raise ValueError("trimllm needs the domain text's token ids")
+        result = trimllm(model, domain, settings.trimllm, tracker)
         outcome = DepthOutcome(removed=result.removed, stats=result.stats())
     else:
         if calibration is None:
-            windows = calibration_windows(
-                load_texts(settings.calib), tokenizer, settings.nsamples, settings.seqlen, settings.seed
-            )
-            calibration = Calibration(windows)
+            raise ValueError(f"{settings.method} needs calibration windows")
         outcome = _from_states(model, calibration, settings)
     outcome.seconds = time.perf_counter() - began
     outcome.stats["seconds"] = round(outcome.seconds, 1)
@@ -171,20 +152,7 @@ def _from_states(model: PreTrainedModel, calibration: Calibration, settings: Dep
         "mse_fit": result.mse_fit,
         "block_influence": influence,
     }
-    notes = []
-    if config.replacement == "ffn":
-        notes.append(NOOP_NOTE.format(layers=getattr(model.config, NOOP_KEY)))
-    return DepthOutcome(removed=list(range(result.start, result.start + result.window)), stats=stats, notes=notes)
-
-
-def _wikitext_tracker(
-    tokenizer: PreTrainedTokenizerBase, settings: DepthSettings
-) -> Callable[[PreTrainedModel], float] | None:
-    """WikiText-2 perplexity on the first `track_windows` windows, for TrimLLM's trajectory."""
-    if not settings.track_windows:
-        return None
-    windows = eval_windows(tokenize_joined(load_texts("wikitext2"), tokenizer), settings.seqlen, settings.track_windows)
-    return lambda model: math.exp(window_nll(model, windows, desc="wikitext2"))
+    return DepthOutcome(removed=list(range(result.start, result.start + result.window)), stats=stats)
 
 
 def _keyed(rounds: list[dict[int, float]]) -> list[dict[str, float]]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from pruning.blocks import capture_block_inputs, decoder_layers, final_norm, run_block
+from pruning.blocks import capture_block_inputs, decoder_layers, final_norm, run_layers
 
 
 @torch.no_grad()
@@ -30,23 +30,9 @@ def depth_states(
     hidden, kwargs = capture_block_inputs(model, windows)
     states = [hidden.float()]
     for layer in decoder_layers(model):
-        hidden = run_stack([layer], hidden, kwargs, batch_size)
+        hidden = run_layers([layer], hidden, kwargs, batch_size)
         states.append(hidden.float())
     return states, kwargs
-
-
-@torch.no_grad()
-def run_stack(
-    layers: list[nn.Module], hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 1
-) -> torch.Tensor:
-    """Run consecutive layers over (n, seqlen, hidden) states, `batch_size` windows at a time."""
-    out = []
-    for i in range(0, len(hidden), batch_size):
-        h = hidden[i : i + batch_size]
-        for layer in layers:
-            h = run_block(layer, h, kwargs)
-        out.append(h)
-    return torch.cat(out)
 
 
 def next_token_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -74,7 +60,7 @@ def stack_nll(
     batch_size: int = 1,
 ) -> float:
     """NLL of running `layers` from `hidden` and then the model's final norm and head."""
-    return float(lm_nll(model, run_stack(layers, hidden, kwargs, batch_size), ids))
+    return float(lm_nll(model, run_layers(layers, hidden, kwargs, batch_size), ids))
 
 
 @dataclass(frozen=True)
@@ -100,7 +86,7 @@ def removal_scan(
     """
     prefix = [hidden]
     for layer in layers:
-        prefix.append(run_stack([layer], prefix[-1], kwargs))
+        prefix.append(run_layers([layer], prefix[-1], kwargs))
     nll = {p: stack_nll(model, layers[p + 1 :], prefix[p], kwargs, ids) for p in candidates}
     norm = {p: float(prefix[p + 1].float().norm(dim=-1).mean()) for p in candidates}
     return RemovalScan(full=float(lm_nll(model, prefix[-1], ids)), nll=nll, norm=norm)

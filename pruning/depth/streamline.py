@@ -30,9 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pruning.blocks import decoder_layers, run_block
+from pruning.blocks import decoder_layers, run_block, run_layers
 from pruning.depth.criteria import best_window, window_cosine
-from pruning.depth.noop import check_ffn_support, ffn_layer, mark_noop_layers
+from pruning.depth.ffn import check_ffn_support, ffn_layer
 from pruning.depth.states import lm_nll, next_token_logits
 from pruning.depth.surgery import remove_layers, replace_window
 from pruning.depth.train import adamw, cosine_lr, freeze_all_but, optimizer_step
@@ -188,7 +188,7 @@ def tail_lm_loss(
     model: PreTrainedModel, start: int, hidden: torch.Tensor, ids: torch.Tensor, kwargs: dict[str, Any]
 ) -> torch.Tensor:
     """The LM loss of `model` on `ids`, run from `hidden`, the states entering layer `start`."""
-    return lm_nll(model, run_tail(model, start, hidden, kwargs), ids)
+    return lm_nll(model, run_layers(decoder_layers(model)[start:], hidden, kwargs, batch_size=None), ids)
 
 
 def tail_kd_loss(
@@ -202,20 +202,13 @@ def tail_kd_loss(
     """Mean per-token KL(teacher || model) of the next-token distributions, run from `hidden`, the
     states entering layer `start`; `teacher`: the unpruned model's final states (before the norm).
     `positions`: score only these sequence positions (all by default)."""
-    final = run_tail(model, start, hidden, kwargs)
+    final = run_layers(decoder_layers(model)[start:], hidden, kwargs, batch_size=None)
     if positions is not None:
         final, teacher = final[:, positions], teacher[:, positions]
     with torch.no_grad():
         target = F.log_softmax(next_token_logits(model, teacher), dim=-1)
     student = F.log_softmax(next_token_logits(model, final), dim=-1)
     return F.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
-
-
-def run_tail(model: PreTrainedModel, start: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run layers `start`.. of `model` from `hidden` (with gradients, unlike `states.run_stack`)."""
-    for layer in decoder_layers(model)[start:]:
-        hidden = run_block(layer, hidden, kwargs)
-    return hidden
 
 
 def _train(
@@ -282,7 +275,5 @@ def streamline(
         result.lm_losses = train_tail(model, start, inputs, windows, kwargs, config, config.tail_epochs, teacher)
     result.train_seconds = time.perf_counter() - began
     result.mse_after = window_mse(block, inputs, targets, kwargs)
-    if config.replacement == "ffn":
-        mark_noop_layers(model)
     log.info("streamline: replacement MSE %.5g -> %.5g", result.mse_before, result.mse_after)
     return result

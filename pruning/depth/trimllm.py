@@ -137,20 +137,24 @@ def fine_tune(
     return losses
 
 
-def trimllm(
-    model: PreTrainedModel,
-    stream: torch.Tensor,
-    config: TrimLLMConfig,
-    tracker: Callable[[PreTrainedModel], float] | None = None,
-) -> TrimLLMResult:
-    """Drop `config.remove` layers of `model` in place; `stream` is the domain text's token ids."""
-    num_layers = len(decoder_layers(model))
-    config.check(num_layers)
+@dataclass
+class DomainTraining:
+    """TrimLLM's sparse-update fine-tuning set up on a model: data split, trainable layers, optimizer."""
+
+    train: torch.Tensor  # token stream to sample training windows from
+    heldout: torch.Tensor  # (heldout_windows, seqlen)
+    importance: torch.Tensor  # Block Influence per layer, on the held-out windows
+    trainable: list[int]
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+
+
+def prepare_training(model: PreTrainedModel, stream: torch.Tensor, config: TrimLLMConfig) -> DomainTraining:
+    """Split the domain text, rank layers on the held-out slice, freeze all but the most important
+    `trainable_fraction` (plus the head unless told not to), and make the optimizer."""
     train_stream, heldout = split_domain(stream, config)
-    began = time.perf_counter()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-
     states, _ = depth_states(model, heldout)
     importance = block_influence(states)
     del states
@@ -162,7 +166,31 @@ def trimllm(
     count = freeze_all_but(model, modules)
     log.info("trimllm: training layers %s (+head: %s), %d parameters", trainable, config.train_head, count)
     opt = adamw(model.parameters(), config.lr, config.weight_decay)
-    result = TrimLLMResult(trainable_layers=trainable, importance=importance.tolist())
+    return DomainTraining(train_stream, heldout, importance, trainable, opt, gen)
+
+
+def domain_fine_tune(model: PreTrainedModel, stream: torch.Tensor, config: TrimLLMConfig, steps: int) -> list[float]:
+    """The model fine-tuned exactly as TrimLLM fine-tunes between drops, `steps` steps, no layer dropped
+    (the baseline that tells what the drops cost)."""
+    training = prepare_training(model, stream, config)
+    losses = fine_tune(model, training.opt, training.train, steps, config, training.gen, "domain ft")
+    model.requires_grad_(False)
+    return losses
+
+
+def trimllm(
+    model: PreTrainedModel,
+    stream: torch.Tensor,
+    config: TrimLLMConfig,
+    tracker: Callable[[PreTrainedModel], float] | None = None,
+) -> TrimLLMResult:
+    """Drop `config.remove` layers of `model` in place; `stream` is the domain text's token ids."""
+    num_layers = len(decoder_layers(model))
+    config.check(num_layers)
+    began = time.perf_counter()
+    training = prepare_training(model, stream, config)
+    train_stream, heldout, opt, gen = training.train, training.heldout, training.opt, training.gen
+    result = TrimLLMResult(trainable_layers=training.trainable, importance=training.importance.tolist())
     original = list(range(num_layers))  # original index of each current layer
 
     def record(dropped: int | None, nll: float) -> None:

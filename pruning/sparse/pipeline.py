@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pruning.blocks import _to_device, capture_block_inputs, decoder_layers, layout_of, linear_layers
+from pruning.blocks import capture_block_inputs, decoder_layers, layout_of, linear_layers, run_layers, to_device
 from pruning.sparse.calibration import LayerStats, Needs, collect_stats
 from pruning.sparse.magnitude import magnitude_mask
 from pruning.sparse.masks import check_pattern, prune_counts, row_ranks, rowwise_mask
@@ -141,7 +141,7 @@ def block_lod(stats: dict[str, LayerStats], block: torch.nn.Module, m: float) ->
     return outlier_ratio([wanda_scores(linears[n].weight, stats[n].sq_norms) for n in linears], m)
 
 
-class _Runner:
+class _Passes:
     """Block inputs, their kwargs, and where blocks compute (shared by every pass)."""
 
     def __init__(
@@ -154,7 +154,7 @@ class _Runner:
             model.to(device)
         self.blocks = decoder_layers(model)
         self.inputs, kwargs = capture_block_inputs(model, windows, device=self.host)
-        self.kwargs = _to_device(kwargs, device)
+        self.kwargs = to_device(kwargs, device)
 
     def passes(self, desc: str, nsamples: int | None = None):
         """Yield (index, block on device, inputs, output buffer); outputs become the next inputs.
@@ -171,7 +171,7 @@ class _Runner:
 
 
 @torch.no_grad()
-def outlier_ratios(runner: _Runner, owl: OwlConfig) -> list[float]:
+def outlier_ratios(runner: _Passes, owl: OwlConfig) -> list[float]:
     """OWL's LOD of every block, from one pass of the dense model."""
     lod = []
     needs, n = Needs(sq_norms=True), runner.batch_size
@@ -181,7 +181,7 @@ def outlier_ratios(runner: _Runner, owl: OwlConfig) -> list[float]:
     return lod
 
 
-def _groups(block: torch.nn.Module, inputs: torch.Tensor, runner: _Runner) -> list[list[str]]:
+def _groups(block: torch.nn.Module, inputs: torch.Tensor, runner: _Passes) -> list[list[str]]:
     """Linears of a block grouped by shared input (q/k/v, gate/up), in the order they run."""
     probe = collect_stats(block, inputs[:1], runner.kwargs, Needs(), 1, runner.device)
     groups: dict[int, list[str]] = {}
@@ -191,7 +191,7 @@ def _groups(block: torch.nn.Module, inputs: torch.Tensor, runner: _Runner) -> li
 
 
 @torch.no_grad()
-def prune_blocks(runner: _Runner, cfg: SparseConfig, lod: list[float] | None = None) -> SparseReport:
+def prune_blocks(runner: _Passes, cfg: SparseConfig, lod: list[float] | None = None) -> SparseReport:
     """Prune every block in place; `lod` reuses OWL outlier ratios measured earlier."""
     start = time.perf_counter()
     if cfg.owl is not None and lod is None:
@@ -206,7 +206,7 @@ def prune_blocks(runner: _Runner, cfg: SparseConfig, lod: list[float] | None = N
             )
             _prune_linears(i, block, stats, cfg, targets[i], report)
             del stats
-        collect_stats(block, inputs, runner.kwargs, Needs(), runner.batch_size, runner.device, outputs)
+        run_layers([block], inputs, runner.kwargs, runner.batch_size, out=outputs)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -246,14 +246,27 @@ def prune_model(
     device: torch.device | str = "cpu",
     offload: bool = False,
     batch_size: int = 8,
+    lod: list[float] | None = None,
 ) -> SparseReport:
     """Prune `model` in place from calibration windows (n, seqlen) token ids; plain magnitude
-    pruning needs none and ignores them."""
+    pruning needs none and ignores them. `lod`: OWL outlier ratios measured earlier on the same
+    windows (`owl_outlier_ratios`), so several sparsities share one dense pass."""
     if not cfg.calibrated:
         if not offload:
             model.to(device)
         return _prune_uncalibrated(model, cfg)
     if windows is None or len(windows) == 0:
         raise ValueError(f"{cfg.label} needs calibration windows")
-    runner = _Runner(model, windows, torch.device(device), offload, batch_size)
-    return prune_blocks(runner, cfg)
+    return prune_blocks(_Passes(model, windows, torch.device(device), offload, batch_size), cfg, lod)
+
+
+def owl_outlier_ratios(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    owl: OwlConfig,
+    device: torch.device | str = "cpu",
+    offload: bool = False,
+    batch_size: int = 8,
+) -> list[float]:
+    """OWL's outlier ratio (LOD) of every block of the dense `model` (which stays unchanged)."""
+    return outlier_ratios(_Passes(model, windows, torch.device(device), offload, batch_size), owl)

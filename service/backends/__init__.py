@@ -6,12 +6,12 @@ upstream servers (a pure gateway) never loads it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from service.backend import Backend, Observer
 from service.settings import ModelSpec, Settings
+from variants.store import cache_dir
 
 
 def local_manifest(directory: str | None) -> dict[str, Any] | None:
@@ -24,8 +24,7 @@ def local_manifest(directory: str | None) -> dict[str, Any] | None:
 
 
 def log_dir(settings: Settings) -> Path:
-    cache = Path(os.environ.get("TRIMSERVE_CACHE", Path.home() / ".cache" / "trimserve")).expanduser()
-    return settings.log_dir or cache / "logs"
+    return settings.log_dir or cache_dir() / "logs"
 
 
 def make_backend(spec: ModelSpec, settings: Settings, observer: Observer | None = None) -> Backend:
@@ -34,12 +33,11 @@ def make_backend(spec: ModelSpec, settings: Settings, observer: Observer | None 
         from functools import partial
 
         from service.backends.native import NativeBackend
-        from service.registry import load_one
+        from variants.load import load_variant
 
         device = spec.device or settings.device
-        return NativeBackend(
-            spec.name, spec.source, device, partial(load_one, spec), settings.engine_config(), observer
-        )
+        load = partial(load_variant, spec.name, spec.source, spec.dtype or settings.dtype)
+        return NativeBackend(spec.name, spec.source, device, load, settings.engine_config(), observer)
 
     from service.backends.upstream import UpstreamBackend, UpstreamConfig, api_key_from_env
 

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
-from pruning.models import resolve_device
 from service.backend import (
     Delta,
     FinishReason,
@@ -31,9 +31,8 @@ from service.backend import (
 from service.engine.compute import run_async
 from service.engine.engine import LLMEngine
 from service.engine.types import EngineConfig
-from service.memory import process_rss_bytes
-from service.registry import LoadedModel
 from service.textstream import IncrementalDetokenizer, StopMatcher
+from variants.load import LoadedVariant, resolve_device
 
 EngineFactory = Callable[[str, Any, Any, EngineConfig, Observer | None], Any]
 
@@ -46,7 +45,7 @@ class NativeBackend:
         name: str,
         source: str,
         device: str,
-        load: Callable[[], LoadedModel],
+        load: Callable[[str], LoadedVariant],  # the device -> the model loaded on it
         config: EngineConfig,
         observer: Observer | None = None,
         engine_factory: EngineFactory = LLMEngine,
@@ -58,7 +57,7 @@ class NativeBackend:
         self.observer = observer
         self._load = load
         self._engine_factory = engine_factory
-        self.loaded: LoadedModel | None = None
+        self.loaded: LoadedVariant | None = None
         self.engine: Any = None
         self.created = int(time.time())
 
@@ -75,7 +74,7 @@ class NativeBackend:
     async def start(self) -> None:
         # Loading runs on the device's compute thread: all torch work for a device stays on one thread.
         self.device = str(resolve_device(self.device))
-        self.loaded = await run_async(self.device, self._load)
+        self.loaded = await run_async(self.device, lambda: self._load(self.device))
         self.created = int(self.loaded.loaded_at)
         self.engine = self._engine_factory(
             self.name, self.loaded.model, self.loaded.tokenizer, self.config, self.observer
@@ -146,7 +145,7 @@ class NativeBackend:
         }
 
     def memory(self) -> Memory:
-        memory = Memory(rss_bytes=process_rss_bytes())
+        memory = Memory(rss_bytes=psutil.Process().memory_info().rss)
         device = self.loaded.device if self.loaded is not None else None
         if device is not None and device.type == "cuda" and torch.cuda.is_available():
             index = device.index if device.index is not None else torch.cuda.current_device()

@@ -40,7 +40,8 @@ from service.backend import (
     check_sampling,
 )
 from service.engine.compute import run_async, run_sync
-from service.engine.runner import make_runner
+from service.engine.llama import LlamaRunner, unsupported_reason
+from service.engine.runner import HFRunner, Runner
 from service.engine.sampling import make_generator, sample_one
 from service.engine.types import EngineConfig, TokenEvent
 
@@ -70,6 +71,15 @@ class _Request:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
+
+
+def make_runner(model: PreTrainedModel, max_slots: int, max_seq: int, fast: bool = True) -> Runner:
+    """The compact runner when the architecture allows it (and `fast`), else the generic one."""
+    reason = unsupported_reason(model) if fast else "fast path disabled"
+    if reason is None:
+        return LlamaRunner(model, max_slots, max_seq)
+    log.info("generic runner for %s: %s", model.config.model_type, reason)
+    return HFRunner(model, max_slots, max_seq)
 
 
 def eos_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:

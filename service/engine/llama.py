@@ -11,9 +11,8 @@ bf16 on CPU additionally keeps a oneDNN-blocked copy of each weight: PyTorch's b
 matrix-vector product runs at about half the speed of oneDNN's on blocked weights, and the
 results are bit-identical. This costs one more copy of the linear weights in memory.
 
-A layer whose attention was replaced by nothing (a depth-pruned "FFN replacement" block whose
-`self_attn` is absent or an `nn.Identity`, see `pruning.depth.noop`) runs only its MLP and
-keeps no cache.
+A layer whose attention was replaced by nothing (a depth-pruned FFN-only block; the variant
+format knows which, `variants.noop.noop_layers`) runs only its MLP and keeps no cache.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from service.engine.runner import max_positions
+from variants.noop import noop_layers
 
 FAST_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 CAPACITY_STEP = 256  # the cache grows in multiples of this many positions
@@ -128,19 +128,18 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
         return "unexpected module layout"
+    attention_free = set(noop_layers(model))
     for i, layer in enumerate(inner.layers[: config.num_hidden_layers]):
         mlp = getattr(layer, "mlp", None)
         if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return f"layer {i} has no gated MLP"
-        if _has_attention(layer):
-            continue
-        if getattr(layer, "self_attn", None) is not None and not isinstance(layer.self_attn, nn.Identity):
+        if i not in attention_free and not _has_attention(layer):
             return f"layer {i} has an attention module of unknown form"
     return None
 
 
-def _layer(layer: nn.Module) -> _Layer:
-    attn = layer.self_attn if _has_attention(layer) else None
+def _layer(layer: nn.Module, attention_free: bool) -> _Layer:
+    attn = None if attention_free else layer.self_attn
     mlp = layer.mlp
     return _Layer(
         attn_norm=_Norm.of(layer.input_layernorm) if attn is not None else None,
@@ -188,7 +187,10 @@ class LlamaRunner:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
-        self.layers = [_layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+        attention_free = set(noop_layers(model))
+        self.layers = [
+            _layer(layer, i in attention_free) for i, layer in enumerate(inner.layers[: config.num_hidden_layers])
+        ]
         self.norm = _Norm.of(inner.norm)
         self.lm_head = _Linear.of(model.lm_head)
         # bf16 on CPU: PyTorch's own bf16 matrix-vector product reaches about half the bandwidth

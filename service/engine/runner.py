@@ -2,9 +2,9 @@
 
 A runner owns a request's KV state by slot index. The scheduler keeps running requests in slots
 0..B-1 (compacting with `move` when one leaves), so a decode step works on a prefix of the slot
-dimension and never gathers. `make_runner` picks the compact Llama-family forward
+dimension and never gathers. The engine uses the compact Llama-family forward
 (`service.engine.llama`) when the model fits it, and otherwise the generic runner below, which
-drives the Hugging Face forward with one cache per request.
+drives the Hugging Face forward with one cache per request (`service.engine.engine.make_runner`).
 """
 
 from __future__ import annotations
@@ -82,14 +82,3 @@ class HFRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches[dst] = self.caches[src]
         self.caches[src] = None
-
-
-def make_runner(model: PreTrainedModel, max_slots: int, max_seq: int, fast: bool = True) -> Runner:
-    """The compact runner when the architecture allows it (and `fast`), else the generic one."""
-    from service.engine.llama import LlamaRunner, unsupported_reason
-
-    reason = unsupported_reason(model) if fast else "fast path disabled"
-    if reason is None:
-        return LlamaRunner(model, max_slots, max_seq)
-    log.info("generic runner for %s: %s", model.config.model_type, reason)
-    return HFRunner(model, max_slots, max_seq)

@@ -1,4 +1,4 @@
-"""CLI commands for models, evaluation and pruning (`trimserve model|eval|prune ...`)."""
+"""`trimserve eval MODEL --ppl SOURCE --mc SET`: perplexity and multiple-choice accuracy."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from pathlib import Path
 
 from evaluation.data import NAMED_SOURCES
 from evaluation.evaluate import evaluate, load_eval_data
-from pruning.artifacts import MANIFEST, read_manifest, write_manifest
-from pruning.depth import cli as depth_cli
-from pruning.models import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, fetch_embedded, load_model
-from pruning.sparse import cli as sparse_cli
+from variants.format import MANIFEST, record_eval
+from variants.load import DEVICES, DTYPES, EMBEDDED, load_model
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -20,12 +18,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    model = sub.add_parser("model", help="fetch and inspect models")
-    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    fetch = model_sub.add_parser("fetch", help="convert a built-in model to a cached safetensors checkpoint")
-    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED))
-    fetch.set_defaults(func=cmd_fetch)
-
     ev = sub.add_parser(
         "eval",
         help="perplexity and multiple-choice accuracy of a model",
@@ -51,17 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(ev)
     ev.set_defaults(func=cmd_eval)
 
-    prune = sub.add_parser("prune", help="build pruned variants")
-    prune_sub = prune.add_subparsers(dest="prune_command", required=True, metavar="METHOD")
-    depth_cli.register(prune_sub, add_model_options)
-    sparse_cli.register(prune_sub)
-
-
-def cmd_fetch(args: argparse.Namespace) -> int:
-    path = fetch_embedded(args.name)
-    print(path)
-    return 0
-
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if not args.ppl and not args.mc:
@@ -75,13 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    variant = Path(args.model)
-    if not args.no_record and (variant / MANIFEST).is_file():
-        # Scores live with the variant, so the server's /v1/variants/{name} and the report show them.
-        manifest = read_manifest(variant)
-        manifest.eval.update(results)
-        manifest.stats["eval_protocol"] = {"seqlen": args.seqlen, "max_windows": args.max_windows}
-        write_manifest(variant, manifest)
+    if not args.no_record and (Path(args.model) / MANIFEST).is_file():
+        record_eval(args.model, results, {"seqlen": args.seqlen, "max_windows": args.max_windows})
     return 0
 
 

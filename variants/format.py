@@ -2,8 +2,10 @@
 
 A variant directory holds `config.json`, `model.safetensors` (or shards), tokenizer files,
 `generation_config.json`, and the manifest below. Loading verifies every weight file's
-sha256 against the manifest, so a tampered or truncated checkpoint is refused. Only
-safetensors is ever written or read.
+sha256 against the manifest, so a tampered or truncated checkpoint (or a weight file the
+manifest does not list, a pickle included) is refused. Only safetensors is ever written or
+read. Directories are written atomically and world-readable. This module imports no torch:
+the server reads manifests with it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MANIFEST = "trimserve.json"
 FORMAT_VERSION = 1
@@ -128,35 +127,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def decoder_layer_of(name: str) -> str | None:
-    """'model.layers.3.mlp.up_proj.weight' -> 'layers.3' (None outside the decoder stack)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
-            return f"{part}.{parts[i + 1]}"
-    return None
-
-
-def weight_stats(model: torch.nn.Module) -> tuple[ParamCounts, dict[str, float]]:
-    """Parameter counts, and the fraction of zeros in each decoder layer's 2-D weights."""
-    total = nonzero = 0
-    zeros: dict[str, list[int]] = {}
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen:  # tied embeddings count once
-            continue
-        seen.add(id(param))
-        n, nz = param.numel(), int(torch.count_nonzero(param))
-        total, nonzero = total + n, nonzero + nz
-        layer = decoder_layer_of(name)
-        if layer is not None and param.dim() == 2:
-            acc = zeros.setdefault(layer, [0, 0])
-            acc[0] += n - nz
-            acc[1] += n
-    sparsity = {layer: z / n for layer, (z, n) in zeros.items()}
-    return ParamCounts(total=total, nonzero=nonzero), sparsity
-
-
 def read_manifest(directory: str | Path) -> VariantManifest:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -234,34 +204,6 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def save_variant(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: str | Path,
-    manifest: VariantManifest,
-) -> VariantManifest:
-    """Write the checkpoint and its manifest atomically (temp dir, then rename)."""
-    out_dir = Path(out_dir)
-    params, sparsity = weight_stats(model)
-    manifest = manifest.model_copy(
-        update={
-            "versions": manifest.versions or library_versions(),
-            "created": manifest.created or datetime.now(UTC).isoformat(timespec="seconds"),
-            "num_layers": model.config.num_hidden_layers,
-            "params": params,
-            "layer_sparsity": sparsity,
-        }
-    )
-    with staged_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if not (tmp / "generation_config.json").is_file():
-            model.generation_config.save_pretrained(tmp)
-        manifest.files = {f.name: sha256_file(f) for f in weight_files(tmp)}
-        write_manifest(tmp, manifest)
-    return manifest
-
-
 def write_manifest(directory: str | Path, manifest: VariantManifest) -> None:
     """(Re)write the manifest, e.g. after evaluation adds scores; weights are untouched."""
     path = Path(directory) / MANIFEST
@@ -269,3 +211,11 @@ def write_manifest(directory: str | Path, manifest: VariantManifest) -> None:
     tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     tmp.chmod(FILE_MODE)
     tmp.replace(path)
+
+
+def record_eval(directory: str | Path, results: dict[str, float], protocol: dict[str, Any]) -> None:
+    """Add scores to a variant's manifest, so `/v1/variants/{name}` and the A/B report show them."""
+    manifest = read_manifest(directory)
+    manifest.eval.update(results)
+    manifest.stats["eval_protocol"] = protocol
+    write_manifest(directory, manifest)

@@ -1,4 +1,10 @@
-"""The `trimserve` command: one entry point over the pruning and serving sub-commands."""
+"""The `trimserve` command: one sub-command per module, each a thin layer over library calls.
+
+`model` (fetch the embedded default model), `eval` (perplexity and accuracy), `prune` (build
+sparse and depth variants; `depth-scan` charts layer scores), `serve` (the server or gateway),
+`bench` (the load generator) and `report` (the A/B report). Errors a user can fix print one
+`trimserve: error: ...` line and exit 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,21 @@ import logging
 import sys
 
 from evaluation.records import DataError
-from pruning.artifacts import VariantError
-from pruning.models import ModelLoadError
 from service.backend import BackendError
+from variants.format import VariantError
+from variants.load import ModelLoadError
 
-# Errors a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (DataError, ModelLoadError, VariantError, BackendError, ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pruning import cli as pruning_cli
-    from service import cli as service_cli
-    from trimserve import report
+    from trimserve.cli import bench, eval, model, prune, report, serve
 
-    parser = argparse.ArgumentParser(prog="trimserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="trimserve", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pruning_cli.register(sub)
-    service_cli.register(sub)
-    report.register(sub)
+    for command in (model, eval, prune, serve, bench, report):
+        command.register(sub)
     return parser
 
 
@@ -43,7 +45,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trimserve: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

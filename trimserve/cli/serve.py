@@ -1,15 +1,11 @@
-"""`trimserve serve` (the HTTP server) and `trimserve bench URL` (the load generator)."""
+"""`trimserve serve`: the OpenAI-compatible server (in-process engines, upstream servers, or both)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 # CLI flag -> Settings field; flags left unset fall back to TRIMSERVE_* env vars, then defaults.
 SERVE_FLAGS = {
@@ -50,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", type=Path, help="TOML or YAML listing models (name, source, dtype, device) and ab")
     serve.add_argument("--ab", action="append", default=[], metavar="EXP=VAR:W,VAR:W", help="an A/B experiment")
     serve.add_argument("--variants-dir", type=Path, help="where default variants are found")
-    serve.add_argument("--dtype", help="default dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    serve.add_argument(
+        "--dtype", help="default dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16, fp16"
+    )
     serve.add_argument("--device", help="default device (cpu, cuda, auto)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -72,24 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--vllm-arg", action="append", default=[], metavar="ARG", help="an argument for every vLLM process (repeat)"
     )
     serve.set_defaults(func=cmd_serve)
-
-    bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
-    bench.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    bench.add_argument("--model", action="append", default=[], help="variant or experiment to target (repeat)")
-    bench.add_argument("--concurrency", type=int, default=1)
-    bench.add_argument("--rate", type=float, help="arrival rate in requests/s (Poisson) instead of a closed loop")
-    bench.add_argument("--requests", type=int, default=16)
-    bench.add_argument("--duration", type=float, help="seconds to keep sending (instead of --requests)")
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--output-tokens", type=int, default=64)
-    bench.add_argument("--temperature", type=float, default=0.0)
-    bench.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
-    bench.add_argument("--api-key")
-    bench.add_argument("--timeout", type=float, default=300.0)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--json", type=Path, help="write the results JSON here")
-    bench.add_argument("--markdown", type=Path, help="write the markdown table here")
-    bench.set_defaults(func=cmd_bench)
 
 
 def serve_settings(args: argparse.Namespace):
@@ -141,34 +121,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server.run()
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from service.loadgen import LoadConfig, markdown, run_bench
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    config = LoadConfig(
-        url=args.url.rstrip("/"),
-        models=tuple(args.model) or ("full",),
-        concurrency=args.concurrency,
-        rate=args.rate,
-        requests=args.requests,
-        duration_s=args.duration,
-        prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens,
-        ignore_eos=not args.no_ignore_eos,
-        temperature=args.temperature,
-        api_key=args.api_key,
-        timeout_s=args.timeout,
-        seed=args.seed,
-    )
-    summary, _ = run_bench(config)
-    table = markdown(summary)
-    print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-    return 1 if any(v["errors"] for v in summary["variants"].values()) else 0

