@@ -12,7 +12,7 @@ time unless --force):
               model, measured in one process, interleaved
   fulltest    full WikiText-2 test-set perplexity of the best variant at each depth
 
-Example: flock /tmp/trimserve-heavy.lock .venv/bin/python bench/depth.py --stages criteria --depths 8
+Example: .venv/bin/python bench/depth.py --stages criteria --depths 8
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ No HTTP: the engine is driven in-process, so the numbers isolate the engine's ow
 Workload as in bench/serving.py: ~128-token prompts (random ids, unique per request), 64 greedy
 tokens, EOS ignored. TPOT = (last token time - first token time) / (tokens - 1).
 
-    flock /tmp/trimserve-heavy.lock .venv/bin/python bench/engine.py --dtype bf16 fp32
+    .venv/bin/python bench/engine.py --dtype bf16 fp32
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ clients dropping their stream midway) plus bursts of malformed requests, checkin
 zero hung requests, every complete answer matching its own prompt, the running and waiting gauges
 back at 0, `/ready` 200 and the RSS within 10% of its value after warm-up.
 
-    flock /tmp/trimserve-heavy.lock .venv/bin/python bench/serving.py --out bench/out/serving
+    .venv/bin/python bench/serving.py --out bench/out/serving
 """
 
 from __future__ import annotations

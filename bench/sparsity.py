@@ -4,7 +4,7 @@ Calibration: C4 sample, `--nsamples` windows of `--seqlen` tokens (seed 0). Eval
 WikiText-2 test, windows of 2048 tokens, the first `--eval-windows` of them (or all with
 --full-test). Finished rows are cached in the JSON output, so an interrupted run resumes.
 
-    flock /tmp/trimserve-heavy.lock .venv/bin/python bench/sparsity.py \\
+    .venv/bin/python bench/sparsity.py \\
         --methods dense wanda --sparsities 0.5 --out bench/out/sparsity.json
 """
 

@@ -1,4 +1,4 @@
-"""LLM-Streamline (seed 001): replace the most redundant window of layers by one trained block.
+"""LLM-Streamline (Chen et al., 2024): replace the most redundant window of layers by one trained block.
 
 1. Score every window of k+1 consecutive layers by the mean all-token cosine between the hidden
    state entering it and the one leaving it (`criteria.window_cosine`); take the most similar.

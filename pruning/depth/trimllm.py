@@ -1,4 +1,4 @@
-"""TrimLLM (seed 000): progressive layer dropping with sparse-update domain fine-tuning.
+"""TrimLLM (Hu, Rosing and Zhang, 2024): progressive layer dropping with sparse-update domain fine-tuning.
 
 1. A calibration scan (Block Influence on held-out domain windows) ranks the layers; only the
    most important `trainable_fraction` of them (plus the final norm and LM head, configurable)
@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from evaluation.records import DataError
 from pruning.blocks import capture_block_inputs, decoder_layers, final_norm
 from pruning.depth.criteria import block_influence
 from pruning.depth.states import RemovalScan, depth_states, removal_scan
@@ -95,7 +94,7 @@ def split_domain(stream: torch.Tensor, config: TrimLLMConfig) -> tuple[torch.Ten
     """(train token stream, held-out windows (heldout_windows, seqlen)); held-out is the tail."""
     held = config.heldout_windows * config.seqlen
     if stream.numel() < held + config.seqlen + 1:
-        raise DataError(
+        raise ValueError(
             f"domain text has {stream.numel()} tokens; it needs at least {held + config.seqlen + 1} "
             f"({config.heldout_windows} held-out windows of {config.seqlen} plus one training window)"
         )
