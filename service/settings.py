@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     vllm_args: list[str] = Field(default_factory=list)  # for every vllm backend, before its own vllm_args
     vllm_env: dict[str, str] = Field(default_factory=dict)  # for every vllm backend, under its own vllm_env
     upstream_max_inflight: int = Field(256, ge=1)  # default max_inflight of url and vllm backends
+    upstream_wait_s: float = Field(0.0, ge=0)  # how long start-up waits for an upstream not answering yet
     log_dir: Path | None = None  # vLLM processes' output; None: $TRIMSERVE_CACHE/logs
 
     @field_validator("ab")

@@ -251,3 +251,58 @@ def test_readme_documents_the_image_as_built() -> None:
         "not executed",
     ):
         assert phrase in section, f"README deploy section does not mention {phrase!r}"
+
+
+GATEWAY = DEPLOY / "gateway"
+K8S_GATEWAY = DEPLOY / "k8s-gateway"
+
+
+def test_gateway_compose_puts_one_vllm_server_per_variant_behind_the_gateway(tmp_path) -> None:
+    compose = load(GATEWAY / "docker-compose.yml")
+    services = compose["services"]
+    gateway = services["gateway"]
+    assert gateway["build"]["args"]["DEVICE"] == "cpu" and "deploy" not in gateway  # no model, no GPU
+    env = gateway["environment"]
+    assert set(env) <= {f"TRIMSERVE_{f.upper()}" for f in Settings.model_fields}
+    mounts = {target: source for source, target in map(split_volume, gateway["volumes"])}
+    assert mounts[env["TRIMSERVE_CONFIG_FILE"]] == "./gateway.yaml"
+    specs, ab = read_config(GATEWAY / "gateway.yaml")
+    assert {s.backend for s in specs} == {"url"} and "full" in {s.name for s in specs}
+    assert set(experiments_from(ab, {s.name for s in specs})) == {"chat"}
+    prom = load(GATEWAY / "prometheus.yml")
+    targets = {t for job in prom["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert f"gateway:{PORT}" in targets
+    for spec in specs:  # each url names a vLLM service of this stack, serving the upstream model
+        host = spec.url.split("//")[1].split("/")[0]
+        vllm = services[host.split(":")[0]]
+        assert vllm["image"].startswith("vllm/vllm-openai:") and host in targets
+        assert f"--served-model-name {spec.upstream_model}" in vllm["command"]
+        (device,) = vllm["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and "--gpu-memory-utilization" in vllm["command"]
+        assert host.split(":")[0] in gateway["depends_on"]
+    for service in services.values():  # every bind-mounted file exists
+        for volume in service.get("volumes", []):
+            source, _ = split_volume(volume)
+            if source.startswith("."):
+                assert (GATEWAY / source).exists(), f"compose mounts missing {source}"
+
+
+def test_gateway_k8s_manifests_match_the_compose_config() -> None:
+    kustomization = load(K8S_GATEWAY / "kustomization.yaml")
+    assert set(kustomization["resources"]) == {p.name for p in K8S_GATEWAY.glob("*.yaml")} - {"kustomization.yaml"}
+    configmap = load(K8S_GATEWAY / "gateway-configmap.yaml")
+    k8s_models = yaml.safe_load(configmap["data"]["gateway.yaml"])
+    compose_models = load(GATEWAY / "gateway.yaml")
+    strip_ports = [{**m, "url": m["url"].replace(":8000", "")} for m in compose_models["models"]]
+    assert k8s_models["models"] == strip_ports and k8s_models["ab"] == compose_models["ab"]
+    (gateway,) = load(K8S_GATEWAY / "gateway-deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in gateway["resources"].get("limits", {})
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/health"  # one variant down keeps the rest serving
+    env = {e["name"]: e["value"] for e in gateway["env"]}
+    assert set(env) <= {f"TRIMSERVE_{f.upper()}" for f in Settings.model_fields}
+    for model in k8s_models["models"]:
+        host = model["url"].split("//")[1].split("/")[0]
+        deployment, service = yaml.safe_load_all((K8S_GATEWAY / f"{host}.yaml").read_text())
+        (vllm,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1 and service["metadata"]["name"] == host
+        assert vllm["args"][vllm["args"].index("--served-model-name") + 1] == model["upstream_model"]

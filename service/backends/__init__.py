@@ -49,6 +49,7 @@ def make_backend(spec: ModelSpec, settings: Settings, observer: Observer | None 
         max_queue=settings.max_queue,
         max_tokens=settings.max_tokens,
         request_timeout_s=settings.request_timeout_s,
+        wait_s=settings.upstream_wait_s,
     )
     if spec.backend == "url":
         return UpstreamBackend(spec.name, upstream, observer, local_manifest(spec.manifest_dir))

@@ -60,6 +60,7 @@ class UpstreamConfig:
     max_tokens: int = 1024  # cap on a request's max_tokens
     request_timeout_s: float = 300.0
     health_path: str | None = None  # None: /health beside the API root, else GET {url}/models
+    wait_s: float = 0.0  # how long start-up waits for an unreachable upstream (one still starting)
 
 
 def upstream_error(status: int, body: bytes, retry_after: str | None, name: str) -> Exception:
@@ -142,7 +143,7 @@ class UpstreamBackend:
         """The upstream answers and speaks the OpenAI API, with the model asked for."""
         self._client = self._new_client()
         try:
-            await self._check_models()
+            await self._await_models()
         finally:
             await self._client.aclose()
             self._client = None
@@ -150,9 +151,21 @@ class UpstreamBackend:
     async def start(self) -> None:
         """Connect, check the upstream speaks the OpenAI API, pick the upstream model name."""
         self._client = self._client or self._new_client()
-        self.upstream_model = await self._check_models()
+        self.upstream_model = await self._await_models()
         self._healthy = self._accepting = True
         self._health_task = asyncio.create_task(self._watch_health(), name=f"health-{self.name}")
+
+    async def _await_models(self) -> str:
+        """`_check_models`, retried while the upstream is unreachable, for up to `wait_s`."""
+        deadline = time.monotonic() + self.config.wait_s
+        while True:
+            try:
+                return await self._check_models()
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("variant %s: waiting for upstream %s", self.name, self.config.url)
+                await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     async def _check_models(self) -> str:
         try:
