@@ -37,7 +37,7 @@ def live(tokenizer) -> Iterator[LiveServer]:
 def test_closed_loop_reports_each_arm(live: LiveServer, tokenizer) -> None:
     config = LoadConfig(url=live.url, models=("chat",), concurrency=4, requests=24, prompt_tokens=32, output_tokens=6)
     summary, results = run_bench(config)
-    assert set(summary) == {"url", "started", "settings", "duration_s", "variants"}
+    assert set(summary) == {"url", "started", "settings", "method", "duration_s", "variants"}
     assert set(summary["variants"]) == {"full", "small"}
     assert sum(v["requests"] for v in summary["variants"].values()) == 24
     for v in summary["variants"].values():
@@ -89,6 +89,21 @@ def test_mixed_lengths_and_disconnecting_clients(live: LiveServer, tokenizer) ->
     # Every request ended on the server; a client that left before its answer was done aborted it.
     assert wait_for(lambda: all(not e.active for e in live.engines.values()))
     assert sum(len(e.aborted) for e in live.engines.values()) >= 1
+
+
+def test_several_variants_are_measured_one_at_a_time_round_by_round(live: LiveServer) -> None:
+    for engine in live.engines.values():
+        engine.seen.clear()
+    config = LoadConfig(url=live.url, models=("full", "small"), rounds=3, requests=6, output_tokens=4, seed=2)
+    summary, results = run_bench(config)
+    assert {name: v["requests"] for name, v in summary["variants"].items()} == {"full": 6, "small": 6}
+    assert "interleaved: 3 rounds of 2 requests" in summary["method"]
+    assert all(v["errors"] == 0 and v["output_tokens_per_s"] > 0 for v in summary["variants"].values())
+    # Round by round, in rotating order: full, small | small, full | full, small.
+    order = [r.model for r in sorted(results, key=lambda r: r.index)]
+    assert order == ["full"] * 2 + ["small"] * 4 + ["full"] * 4 + ["small"] * 2
+    # Within a round both variants get the same prompts.
+    assert live.engines["full"].seen[0][0] == live.engines["small"].seen[0][0]
 
 
 def test_arrival_rate_and_errors_are_counted(live: LiveServer) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -148,6 +148,10 @@ class LoadConfig:
     prompt_tokens_max: int | None = None
     output_tokens_max: int | None = None
     disconnect_share: float = 0.0  # this share of requests drops its stream after a few chunks
+    # Several models: `rounds` > 0 measures them one at a time, round by round (the order rotated
+    # each round, `requests` split over the rounds), so drift on a shared machine hits each alike;
+    # 0 mixes them in one run, request i going to models[i % len(models)] (A/B traffic).
+    rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.requests < 1 or self.prompt_tokens < 4 or self.output_tokens < 1:
@@ -158,6 +162,8 @@ class LoadConfig:
             raise ValueError("prompt_tokens_max and output_tokens_max must not be below their minimum")
         if not 0 <= self.disconnect_share <= 1:
             raise ValueError("disconnect_share must be in [0, 1]")
+        if self.rounds < 0 or (self.rounds and self.duration_s is not None):
+            raise ValueError("rounds must be >= 0 and cannot be combined with a duration")
         if self.rate is not None and self.rate <= 0:
             raise ValueError("rate must be > 0 requests/s")
         if self.duration_s is not None and self.duration_s <= 0:
@@ -325,14 +331,24 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     return {"p50": p50, "p90": p90, "p99": p99, "mean": float(array.mean())}
 
 
-def summarize(config: LoadConfig, results: list[RequestResult], started: datetime, elapsed: float) -> dict[str, Any]:
-    """The bench JSON: per variant counts, throughput, TTFT/TPOT/e2e quantiles and raw samples."""
+def summarize(
+    config: LoadConfig,
+    results: list[RequestResult],
+    started: datetime,
+    elapsed: float,
+    elapsed_by_model: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The bench JSON: per variant counts, throughput, TTFT/TPOT/e2e quantiles and raw samples.
+
+    Throughput is output tokens over `elapsed`, or for an interleaved run over the time spent on
+    the model the variant answered for (`elapsed_by_model`)."""
     variants: dict[str, Any] = {}
     for name in sorted({r.variant or r.model for r in results}):
         mine = [r for r in results if (r.variant or r.model) == name]
         good = [r for r in mine if r.ok]
         dropped = sum(r.disconnected for r in mine)
         tokens = sum(r.output_tokens for r in good)
+        seconds = elapsed_by_model[mine[0].model] if elapsed_by_model else elapsed
         samples = {
             "ttft_s": [r.ttft_s for r in good],
             "tpot_s": [t for r in good if (t := r.tpot_s) is not None],
@@ -344,7 +360,7 @@ def summarize(config: LoadConfig, results: list[RequestResult], started: datetim
             "disconnected": dropped,
             "hung": sum(r.hung for r in mine),
             "output_tokens": tokens,
-            "output_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "output_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "ttft_s": _stats(samples["ttft_s"]),
             "tpot_s": _stats(samples["tpot_s"]),
             "e2e_s": _stats(samples["e2e_s"]),
@@ -356,9 +372,24 @@ def summarize(config: LoadConfig, results: list[RequestResult], started: datetim
         "url": config.url,
         "started": started.isoformat(timespec="seconds"),
         "settings": settings,
+        "method": method_of(config),
         "duration_s": elapsed,
         "variants": variants,
     }
+
+
+def method_of(config: LoadConfig) -> str:
+    """How the run measured, in words (the A/B report quotes it)."""
+    load = f"concurrency {config.concurrency}" if config.rate is None else f"{config.rate:g} requests/s"
+    shape = f"{config.prompt_tokens}-token prompts, {config.output_tokens} output tokens"
+    if len(config.models) > 1 and config.rounds:
+        per = -(-config.requests // config.rounds)
+        return (
+            f"{', '.join(config.models)} measured one at a time, interleaved: {config.rounds} rounds of {per} "
+            f"requests each, the order rotated every round; {load}; {shape}; throughput per variant is its "
+            "output tokens over the time spent on it"
+        )
+    return f"{', '.join(config.models)} in one run; {load}; {shape}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -380,12 +411,32 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_interleaved(config: LoadConfig) -> tuple[list[RequestResult], float, dict[str, float]]:
+    """Each model alone, round by round, the order rotated each round (see LoadConfig.rounds)."""
+    per_round = -(-config.requests // config.rounds)
+    results: list[RequestResult] = []
+    elapsed: dict[str, float] = dict.fromkeys(config.models, 0.0)
+    models = list(config.models)
+    for r in range(config.rounds):
+        for model in models[r % len(models) :] + models[: r % len(models)]:
+            part = replace(config, models=(model,), requests=per_round, rounds=0, seed=config.seed + r)
+            got, seconds = asyncio.run(run_load(part))
+            for result in got:
+                result.index += len(results)
+            results += got
+            elapsed[model] += seconds
+    return results, sum(elapsed.values()), elapsed
+
+
 def run_bench(config: LoadConfig) -> tuple[dict[str, Any], list[RequestResult]]:
     started = datetime.now(UTC)
-    results, elapsed = asyncio.run(run_load(config))
+    if len(config.models) > 1 and config.rounds:
+        results, elapsed, by_model = run_interleaved(config)
+    else:
+        (results, elapsed), by_model = asyncio.run(run_load(config)), None
     failed = [r for r in results if not r.ok]
     if failed:
         log.warning(
             "%d of %d requests failed; first: %s %s", len(failed), len(results), failed[0].status, failed[0].error
         )
-    return summarize(config, results, started, elapsed), results
+    return summarize(config, results, started, elapsed, by_model), results

@@ -229,10 +229,13 @@ def write_report(rows: list[Row], bench: dict[str, Any], baseline: str, quality:
     metric = metric or next(iter(sorted({k for r in rows for k in r.quality.eval})), None)
     shown = {k: v for k, v in bench.get("settings", {}).items() if k not in ("url", "models") and v is not None}
     settings = ", ".join(f"{k}={v}" for k, v in shown.items())
+    method = bench.get("method") or "each variant measured in its own run, one after another"
     parts = [
         f"# A/B report: {', '.join(r.name for r in rows)}",
         "",
         f"Bench: {bench.get('url', '?')} at {bench.get('started', '?')}; {settings or 'settings not recorded'}.",
+        "",
+        f"How it measured: {method}.",
         "",
         markdown_table(rows, baseline),
         "![Latency distributions](latency.png)",

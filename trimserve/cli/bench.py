@@ -12,6 +12,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
     bench.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     bench.add_argument("--model", action="append", default=[], help="variant or experiment to target (repeat)")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="several --model: measure them one at a time in this many interleaved rounds (default 3); "
+        "0 mixes them in one run",
+    )
     bench.add_argument("--concurrency", type=int, default=1)
     bench.add_argument("--rate", type=float, help="arrival rate in requests/s (Poisson) instead of a closed loop")
     bench.add_argument("--requests", type=int, default=16)
@@ -46,6 +53,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         timeout_s=args.timeout,
         seed=args.seed,
+        rounds=args.rounds,
     )
     summary, _ = run_bench(config)
     table = markdown(summary)
