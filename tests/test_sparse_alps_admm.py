@@ -66,7 +66,7 @@ def test_alps_config_rejects_invalid_settings(bad):
     "bad",
     [
         {"iterations": 0},
-        {"mask_iterations": 21},
+        {"iterations": 10, "mask_iterations": 11},
         {"mask_iterations": -1},
         {"rho": 0.0},
         {"damping": 1.0},
@@ -331,3 +331,11 @@ def test_admm_matches_plain_reference(gradual, sparsity, pattern):
 
 def test_admm_gradual_ramp_reaches_the_target():
     assert [round(ramp(t, 4), 6) for t in range(4)] == [0.578125, 0.875, 0.984375, 1.0]
+
+
+@pytest.mark.parametrize("method", ["alps", "admm"])
+def test_thread_count_restored(method):
+    W, H = _layer()
+    threads = torch.get_num_threads()
+    _prune(method, W, H, 0.5)
+    assert torch.get_num_threads() == threads

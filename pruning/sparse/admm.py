@@ -1,18 +1,25 @@
-"""ADMM pruning: a cheap ADMM weight update with gradual mask selection (Boza, arXiv 2401.02938).
+"""ADMM pruning: a cheap ADMM weight update with iterative mask selection (Boza, arXiv 2401.02938).
 
 Following the released code (fmfi-compbio/admm-pruning), for one linear layer:
 1. Scale: s = sqrt(diag H) + 1e-8; H <- H / (s s^T) + damping * mean(diag) * I; work on B = W * s,
    target T = B0 H (so the damping pulls the weights towards the dense ones).
 2. Invert H + rho I once (rho fixed).
-3. With U = 0, iterate: Z = (B + U) restricted to the mask; U += B - Z; B = (T + rho (Z - U)) (H + rho I)^-1.
+3. With U = 0, iterate: Z = (B + U) on the mask; U += B - Z; B = (T + rho (Z - U)) (H + rho I)^-1.
    During the first `mask_iterations` iterations the mask is re-chosen from |B + U| (the scaled
-   weights, i.e. a Wanda-like score of the current solution) before Z: with `gradual`, at the
-   cubic schedule s_t = s (1 - (1 - (t + 1) / mask_iterations)^3), reaching the target at the last
-   mask iteration (the paper's gradual pruning); otherwise at the target every time (what the
-   released code does for unstructured sparsity). Then the mask is frozen.
+   current solution, a Wanda-like score) before Z: at the target each time (the released code's
+   unstructured path), or with `gradual` at the paper's cubic schedule
+   s_t = s (1 - (1 - (t + 1) / mask_iterations)^3), reaching the target at the last mask iteration
+   (for N:M, the N:M drops are added lowest first). Then the mask is frozen.
 4. Z = (B + U) on the frozen mask, refit on that support by conjugate gradient (the least-squares
    solve on the support), unscale by s.
-Without mask iterations the mask is chosen once from |B0| (magnitude of the scaled weights).
+Without mask iterations the mask is chosen once from |B0|.
+
+Defaults tuned on SmolLM2-135M layers (blocks 0/10/20: q, o, down; 16 x 256 C4 tokens; 50/70/80%
+and 2:4): rho 0.8 with the mask chosen in 20 of 25 iterations beat the released rho 1, 15 of 20
+by 3-4% in calibration error and 0.5% on held-out tokens; rho below 0.6 diverges from there
+(error up 10-20%); the cubic ramp was within 1% of re-choosing at the target; more iterations on
+the frozen mask or more refit steps changed nothing; damping 0.1 (released) trades 5% calibration
+error for 4% lower held-out error against 0.01.
 """
 
 from __future__ import annotations
@@ -22,17 +29,17 @@ from typing import Any
 
 import torch
 
-from pruning.sparse.alps import Projector, check_target, refit, relative_error, scale_inputs
+from pruning.sparse.alps import Projector, check_target, refit, relative_error, scale_inputs, single_threaded
 
 
 @dataclass(frozen=True)
 class AdmmConfig:
-    iterations: int = 20
-    mask_iterations: int = 15  # the mask is re-chosen during these first iterations, then frozen
-    gradual: bool = True  # cubic sparsity ramp over the mask iterations
-    rho: float = 1.0
+    iterations: int = 25
+    mask_iterations: int = 20  # the mask is re-chosen during these first iterations, then frozen
+    gradual: bool = False  # cubic sparsity ramp over the mask iterations (the paper's schedule)
+    rho: float = 0.8
     damping: float = 0.1  # fraction of the scaled H's mean diagonal (released code: 0.1)
-    refit_steps: int = 30  # CG steps of the final solve on the support; 0 returns ADMM's Z
+    refit_steps: int = 10  # CG steps of the final solve on the support; 0 returns ADMM's Z
     refit_rtol: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -84,12 +91,17 @@ def admm_prune(
     """ADMM pruning of one linear layer: W (D, N), H (N, N) float32 sum of x x^T over calibration tokens.
 
     Targets as in `alps_prune`: `sparsity` over the whole matrix (exact count), `pattern` (N, M)
-    per group of M inputs, or `row_sparsity` (D,) exact per-row counts. Float32, deterministic.
+    per group of M inputs, or `row_sparsity` (D,) exact per-row counts. Float32, single-threaded on CPU, deterministic.
     """
     check_target(W, H, sparsity, pattern, row_sparsity)
     project = Projector(W.shape, sparsity, pattern, row_sparsity)
     if project.drop == 0:
         return AdmmResult(W.clone(), torch.ones_like(W, dtype=torch.bool), 0, 0.0, 0.0, 0)
+    with single_threaded(W.device):
+        return _admm(W, H.float(), project, cfg)
+
+
+def _admm(W: torch.Tensor, H: torch.Tensor, project: Projector, cfg: AdmmConfig) -> AdmmResult:
     Hs, s = scale_inputs(H, cfg.damping, damp_first=False)  # (N, N), (N,)
     B0 = W.float() * s  # (D, N)
     T = B0 @ Hs  # (D, N)
@@ -104,12 +116,12 @@ def admm_prune(
         torch.add(B, U, out=Z)
         if t < cfg.mask_iterations:
             mask = project.keep(Z.abs(), ramp(t, cfg.mask_iterations) if cfg.gradual else 1.0)
-        Z.mul_(mask)
+        Z.mul_(mask.view(torch.uint8))
         U.add_(B).sub_(Z)
         torch.sub(Z, U, out=R).mul_(cfg.rho).add_(T)
         torch.matmul(R, Ainv, out=B)  # B = (T + rho (Z - U)) (H + rho I)^-1
     Z = (B + U) * mask
-    error_before = relative_error(W, Z / s, H.float())
+    error_before = relative_error(W, Z / s, H)
     Z, steps = refit(Hs, T, Z, mask, cfg.refit_steps, cfg.refit_rtol)
     W_new = torch.where(mask, Z / s, 0)  # pruned entries +0.0
     return AdmmResult(
@@ -117,6 +129,6 @@ def admm_prune(
         mask=mask,
         iterations=cfg.iterations,
         error_before_refit=error_before,
-        error_after_refit=relative_error(W, W_new, H.float()),
+        error_after_refit=relative_error(W, W_new, H),
         refit_steps=steps,
     )
