@@ -24,7 +24,7 @@ error for 4% lower held-out error against 0.01.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -65,13 +65,8 @@ class AdmmResult:
     refit_steps: int  # CG steps run
 
     def stats(self) -> dict[str, Any]:
-        """JSON-ready statistics for a manifest (no tensors)."""
-        return {
-            "iterations": self.iterations,
-            "error_before_refit": self.error_before_refit,
-            "error_after_refit": self.error_after_refit,
-            "refit_steps": self.refit_steps,
-        }
+        """JSON-ready statistics for a manifest: every field but the tensors."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weight", "mask")}
 
 
 def ramp(t: int, mask_iterations: int) -> float:

@@ -14,15 +14,19 @@ Meng et al., NeurIPS 2024 (arXiv 2406.07831), following the released code (mazum
    conjugate gradient on the scaled H (unit diagonal, so the scaling is its Jacobi preconditioner);
    unscale by s.
 
-"k largest" means over the whole matrix (unstructured, as in the released code), per row (`row_sparsity`,
-exact per-row counts from `prune_counts`), or per group of M consecutive inputs of a row (N:M).
-The helpers below (scaling, projections, the masked CG refit, the error) are shared with `admm`.
+"k largest" is over the whole matrix (unstructured, as released), per row (`row_sparsity`, exact
+counts from `prune_counts`, for TRIM's allocation) or per group of M consecutive inputs of a row
+(N:M). Differences from the released code, none changing the iterates: the refit stops on each
+row's residual restricted to its support (the released test used the unrestricted residual, which
+never reaches rtol, so it always ran all steps); the error it computed at every check only for
+printing is not computed; errors are reported on the undamped H. Helpers below (scaling,
+projections, refit, error) are shared with `admm`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -91,17 +95,8 @@ class AlpsResult:
     cg_steps: int  # refit steps run
 
     def stats(self) -> dict[str, Any]:
-        """JSON-ready statistics for a manifest (no tensors)."""
-        return {
-            "iterations": self.iterations,
-            "rho": self.rho,
-            "stop": self.stop,
-            "restarts": self.restarts,
-            "support_change_last": self.support_changes[-1] if self.support_changes else None,
-            "error_before_refit": self.error_before_refit,
-            "error_after_refit": self.error_after_refit,
-            "cg_steps": self.cg_steps,
-        }
+        """JSON-ready statistics for a manifest: every field but the tensors."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weight", "mask")}
 
 
 # ---------------------------------------------------------------- shared with admm
@@ -352,10 +347,10 @@ def _alps(W: torch.Tensor, H: torch.Tensor, project: Projector, cfg: AlpsConfig)
     rho = cfg.rho0
     ridge.set_rho(rho)
 
-    D_init = B0 * (mask_init := project.keep(B0.abs()))
+    last = project.keep(B0.abs())  # support at the last check
+    D_init = B0 * last
     D, V, B = D_init.clone(), torch.zeros_like(B0), B0.clone()
     R, Z, score = torch.empty_like(B0), torch.empty_like(B0), torch.empty_like(B0)
-    mask, last = mask_init, mask_init
     growing, restarts, changes = False, 0, []
     stop, it = "max_iterations", cfg.max_iterations
     for i in range(cfg.max_iterations):
