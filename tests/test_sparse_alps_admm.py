@@ -196,7 +196,9 @@ def test_alps_result_statistics():
 @pytest.mark.parametrize("method", ["alps", "admm"])
 def test_deterministic(method):
     W, H = _layer(correlated=True)
+    W_in, H_in = W.clone(), H.clone()
     first, second = _prune(method, W, H, 0.7), _prune(method, W, H, 0.7)
+    assert torch.equal(W, W_in) and torch.equal(H, H_in)  # inputs untouched
     assert torch.equal(first.weight, second.weight) and torch.equal(first.mask, second.mask)
     assert first.stats() == second.stats()
 
