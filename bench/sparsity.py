@@ -48,6 +48,19 @@ VARIANTS: dict[str, dict] = {
     "trim+owl+wanda+seq": {"method": "wanda", "owl": OWL, "trim": TrimConfig(), "sequential": True},
     "owl+sparsegpt+seq": {"method": "sparsegpt", "owl": OWL, "sequential": True},
     "trim+owl+sparsegpt+seq": {"method": "sparsegpt", "owl": OWL, "trim": TrimConfig(), "sequential": True},
+    # ALPS and ADMM weight reconstructions, alone and under OWL layer ratios and TRIM rows
+    "alps": {"method": "alps"},
+    "admm": {"method": "admm"},
+    "owl+alps": {"method": "alps", "owl": OWL},
+    "owl+admm": {"method": "admm", "owl": OWL},
+    "trim+alps": {"method": "alps", "trim": TrimConfig()},
+    "trim+admm": {"method": "admm", "trim": TrimConfig()},
+    "trim+owl+alps": {"method": "alps", "owl": OWL, "trim": TrimConfig()},
+    "trim+owl+admm": {"method": "admm", "owl": OWL, "trim": TrimConfig()},
+    "owl+alps+seq": {"method": "alps", "owl": OWL, "sequential": True},
+    "owl+admm+seq": {"method": "admm", "owl": OWL, "sequential": True},
+    "trim+owl+alps+seq": {"method": "alps", "owl": OWL, "trim": TrimConfig(), "sequential": True},
+    "trim+owl+admm+seq": {"method": "admm", "owl": OWL, "trim": TrimConfig(), "sequential": True},
 }
 FULL_TEST = [("dense", "0"), ("wanda", "0.5")] + [
     (m, s) for m in ("trim+owl+wanda", "trim+owl+wanda+seq") for s in ("0.7", "0.8")

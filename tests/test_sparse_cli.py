@@ -40,6 +40,17 @@ def test_trim_variant_with_stats_and_compressed_copy(tiny_dir, tmp_path, capsys)
     assert "already holds this variant" in capsys.readouterr().out
 
 
+def test_alps_under_trim_rows_records_its_solver(tiny_dir, tmp_path):
+    out = tmp_path / "alps"
+    args = ["--method", "trim", "--base", "alps", "--sparsity", "0.6", "--alps", "max_iterations=12"]
+    assert main(["prune", "sparse", str(tiny_dir), *args, *CALIB, "--out", str(out)]) == 0
+    manifest = verify_variant(out)
+    assert manifest.method == "trim+alps" and manifest.settings["config"]["alps"]["max_iterations"] == 12
+    linears = manifest.stats["linears"]
+    assert all("lr" in v and v["iterations"] <= 12 and "error_after_refit" in v for v in linears.values())
+    assert all(v["sparsity"] == pytest.approx(0.6, abs=1e-3) for v in linears.values())
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -50,6 +61,12 @@ def test_trim_variant_with_stats_and_compressed_copy(tiny_dir, tmp_path, capsys)
         (["--method", "trim", "--pattern", "2:4"], "cannot be combined with --method trim"),
         (["--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "drop --sparsity"),
         (["--method", "owl", "--owl-lambda", "0.9"], "OWL lambda"),
+        (["--method", "alps", "--alps", "rho0=0"], "ALPS needs rho0 > 0"),
+        (["--method", "alps", "--alps", "max_iterations=0"], "max_iterations and check_every must be positive"),
+        (["--method", "admm", "--admm", "rho=-1"], "ADMM rho must be positive"),
+        (["--method", "admm", "--admm", "iterations=0"], "ADMM iterations must be positive"),
+        (["--method", "alps", "--alps", "speed=9"], "unknown AlpsConfig settings ['speed']"),
+        (["--method", "wanda", "--admm", "rho=1"], "admm settings given for method 'wanda'"),
     ],
 )
 def test_bad_input_fails_before_any_work(tiny_dir, tmp_path, capsys, extra, message):

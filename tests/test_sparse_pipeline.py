@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from pruning.blocks import decoder_layers, linear_layers
+from pruning.sparse.admm import AdmmConfig
+from pruning.sparse.alps import AlpsConfig
 from pruning.sparse.magnitude import magnitude_mask
+from pruning.sparse.masks import prune_counts
 from pruning.sparse.owl import OwlConfig
 from pruning.sparse.pipeline import SparseConfig, prune_model
 from pruning.sparse.trim import TrimConfig
@@ -27,6 +30,12 @@ CONFIGS = {
     "trim+magnitude": SparseConfig("magnitude", 0.8, trim=TrimConfig(steps=3)),
     "trim[all]+sparsegpt": SparseConfig("sparsegpt", 0.7, trim=TrimConfig(steps=3, tokens="all")),
     "trim+wanda seq": SparseConfig("wanda", 0.6, trim=TrimConfig(steps=3), sequential=True),
+    "alps": SparseConfig("alps", 0.7, alps=AlpsConfig(max_iterations=30)),
+    "admm 2:4": SparseConfig("admm", 0.5, pattern=(2, 4)),
+    "owl+admm": SparseConfig("admm", 0.7, owl=OwlConfig()),
+    "trim+owl+alps seq": SparseConfig(
+        "alps", 0.7, owl=OwlConfig(), trim=TrimConfig(steps=2), sequential=True, alps=AlpsConfig(max_iterations=30)
+    ),
 }
 
 
@@ -35,7 +44,9 @@ def _weights(model):
 
 
 CASES = [("llama", name) for name in CONFIGS] + [
-    (arch, name) for arch in ("opt", "qwen2") for name in ("wanda", "sparsegpt 4:8", "trim+owl+wanda", "trim+wanda seq")
+    (arch, name)
+    for arch in ("opt", "qwen2")
+    for name in ("wanda", "sparsegpt 4:8", "trim+owl+wanda", "trim+wanda seq", "trim+owl+alps seq")
 ]
 
 
@@ -61,6 +72,11 @@ def test_pipeline_exact_sparsity(arch, name):
             assert abs(int(zeros.sum()) - W.numel() * target) <= 1, key
         if cfg.trim:
             assert report.layers[f"layers.{key}"]["objective"] >= report.layers[f"layers.{key}"]["uniform_objective"]
+            rows = prune_counts(torch.full((W.shape[0],), target, dtype=torch.float64), W.shape[1])
+            assert int(zeros.sum()) == int(rows.sum()), key  # TRIM's rows add up to the layer's exact count
+        if cfg.method in ("alps", "admm"):  # the solver's record is in the report (and so the manifest)
+            info = report.layers[f"layers.{key}"]
+            assert info["error_after_refit"] <= info["error_before_refit"] + 1e-6 and info["iterations"] >= 1
 
 
 def test_plain_magnitude_needs_no_calibration():
@@ -95,9 +111,10 @@ def test_sequential_recomputes_inputs_inside_the_block():
     assert not torch.equal(da == 0, db == 0)  # last group: inputs from the pruned attention and MLP
 
 
-def test_offload_and_batch_size_give_the_same_model():
+@pytest.mark.parametrize("method", ["wanda", "alps"])
+def test_offload_and_batch_size_give_the_same_model(method):
     a, b = tiny_llama(layers=2), tiny_llama(layers=2)
-    cfg = SparseConfig("wanda", 0.6, owl=OwlConfig(), trim=TrimConfig(steps=2))
+    cfg = SparseConfig(method, 0.6, owl=OwlConfig(), trim=TrimConfig(steps=2))
     prune_model(a, WINDOWS, cfg, batch_size=6)
     prune_model(b, WINDOWS, cfg, offload=True, batch_size=6)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
@@ -112,6 +129,8 @@ def test_bad_configs_raise():
         {"sparsity": 0.5, "pattern": (2, 4), "trim": TrimConfig()},
         {"sparsity": 0.5, "pattern": (2, 4), "owl": OwlConfig()},
         {"sparsity": 0.7, "pattern": (2, 4)},
+        {"method": "wanda", "alps": AlpsConfig()},
+        {"method": "alps", "admm": AdmmConfig()},
     ):
         with pytest.raises(ValueError):
             SparseConfig(**kwargs)

@@ -9,6 +9,7 @@ determines a variant's weights. The manifest stores it under `settings`, so
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pruning.depth.pipeline import DepthSettings
 from pruning.depth.streamline import StreamlineConfig
 from pruning.depth.trimllm import TrimLLMConfig
+from pruning.sparse.admm import AdmmConfig
+from pruning.sparse.alps import AlpsConfig
 from pruning.sparse.masks import parse_pattern
 from pruning.sparse.owl import OwlConfig
 from pruning.sparse.pipeline import SparseConfig
@@ -55,10 +58,13 @@ class SparseRecipe(BaseModel):
         owl_nsamples: int | None = None,
         trim_tokens: str = "last",
         sequential: bool = False,
+        alps: dict | None = None,
+        admm: dict | None = None,
         **build: object,
     ) -> SparseRecipe:
         """The recipe `trimserve prune sparse` options describe; ValueError on any combination
-        that does not exist. `--method owl` is OWL over `base` scores, `trim` TRIM rows over them."""
+        that does not exist. `--method owl` is OWL over `base` scores, `trim` TRIM rows over them;
+        `alps` and `admm` set their solvers' settings (field names of AlpsConfig, AdmmConfig)."""
         nm = parse_pattern(pattern)
         if nm and sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
             raise ValueError(f"--pattern {pattern} sets sparsity {nm[0] / nm[1]}; drop --sparsity")
@@ -69,7 +75,25 @@ class SparseRecipe(BaseModel):
         owl = OwlConfig(0.08 if owl_lambda is None else owl_lambda, owl_m or 5.0, owl_nsamples) if use_owl else None
         trim = TrimConfig(tokens=trim_tokens) if method == "trim" else None
         scores = base if method in ("owl", "trim") else method
-        return cls(config=SparseConfig(scores, amount, nm, owl, trim, sequential=sequential), **build)
+        solvers = {
+            "alps": solver_config(AlpsConfig, alps) if scores == "alps" or alps else None,
+            "admm": solver_config(AdmmConfig, admm) if scores == "admm" or admm else None,
+        }
+        config = SparseConfig(scores, amount, nm, owl, trim, sequential=sequential, **solvers)
+        return cls(config=config, **build)
+
+
+def solver_config(kind: type, options: dict | None) -> object:
+    """An AlpsConfig or AdmmConfig from `{field: value}` (strings converted to the field's type)."""
+    names = {f.name: f.type for f in fields(kind)}
+    unknown = sorted(set(options or {}) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} settings {unknown}; known: {sorted(names)}")
+    values = {}
+    for name, value in (options or {}).items():
+        convert = {"int": int, "float": float, "bool": lambda v: str(v).lower() in ("1", "true", "yes")}[names[name]]
+        values[name] = convert(value)
+    return kind(**values)
 
 
 class DepthRecipe(BaseModel):

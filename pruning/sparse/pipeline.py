@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pruning.blocks import capture_block_inputs, decoder_layers, layout_of, linear_layers, run_layers, to_device
+from pruning.sparse.admm import AdmmConfig, admm_prune
+from pruning.sparse.alps import AlpsConfig, alps_prune
 from pruning.sparse.calibration import LayerStats, Needs, collect_stats
 from pruning.sparse.magnitude import magnitude_mask
 from pruning.sparse.masks import check_pattern, prune_counts, row_ranks, rowwise_mask
@@ -31,13 +33,14 @@ from pruning.sparse.wanda import wanda_mask, wanda_scores
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "admm")
+RECONSTRUCTIONS = ("sparsegpt", "alps", "admm")  # methods that also update the kept weights, from X X^T
 
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """What to prune and how. `method` scores (and, for sparsegpt, updates) the weights;
-    `owl` sets per-block sparsity; `trim` sets per-row sparsity inside each linear."""
+    """What to prune and how. `method` scores (and, for sparsegpt, alps and admm, updates) the
+    weights; `owl` sets per-block sparsity; `trim` sets per-row sparsity inside each linear."""
 
     method: str = "wanda"
     sparsity: float = 0.5
@@ -47,10 +50,17 @@ class SparseConfig:
     sequential: bool = False  # re-collect inputs inside a block after each group of linears is pruned
     blocksize: int = 128  # SparseGPT column block
     damp: float = 0.01  # SparseGPT dampening, fraction of mean(diag H)
+    alps: AlpsConfig | None = None  # method alps (default: the released code's settings)
+    admm: AdmmConfig | None = None  # method admm
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown sparsity method {self.method!r}; choose one of {METHODS}")
+        for name, default in (("alps", AlpsConfig), ("admm", AdmmConfig)):
+            if self.method == name and getattr(self, name) is None:
+                object.__setattr__(self, name, default())
+            elif self.method != name and getattr(self, name) is not None:
+                raise ValueError(f"{name} settings given for method {self.method!r}")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
@@ -71,7 +81,7 @@ class SparseConfig:
         trim_all = self.trim is not None and self.trim.tokens == "all"
         return Needs(
             sq_norms=self.method == "wanda" or self.trim is not None,
-            gram=self.method == "sparsegpt" or trim_all,
+            gram=self.method in RECONSTRUCTIONS or trim_all,
             last_token=self.trim is not None and not trim_all,
         )
 
@@ -101,7 +111,8 @@ class SparseReport:
 
 
 def prune_weight(W: torch.Tensor, stats: LayerStats, cfg: SparseConfig, sparsity: float) -> tuple[torch.Tensor, dict]:
-    """New weight for one linear (D, N) at the given sparsity, and TRIM's choices if used.
+    """New weight for one linear (D, N) at the given sparsity, and the choices made (TRIM's step size
+    and objective, the ALPS/ADMM solver's iterations and errors).
 
     Pruned entries become +0.0 (not -0.0), so the compressed format stores no sign bits.
     """
@@ -112,16 +123,29 @@ def prune_weight(W: torch.Tensor, stats: LayerStats, cfg: SparseConfig, sparsity
             return W.masked_fill(~magnitude_mask(W, sparsity, cfg.pattern), 0), {}
         if cfg.method == "wanda":
             return W.masked_fill(~wanda_mask(W, stats.sq_norms, sparsity, cfg.pattern), 0), {}
-        return sparsegpt_prune(W, stats.gram, sparsity, cfg.pattern, None, cfg.blocksize, cfg.damp), {}
-    # TRIM ranks rows by magnitude or Wanda scores (SparseGPT takes TRIM's allocation from Wanda's).
+        return reconstruct(W, stats, cfg, sparsity, None)
+    # TRIM ranks rows by magnitude or Wanda scores (a reconstruction takes TRIM's allocation from Wanda's).
     scores = W.abs().float() if cfg.method == "magnitude" else wanda_scores(W, stats.sq_norms)
     ranks = row_ranks(scores)
     X = gram_sketch(stats.gram, cfg.trim.sketch) if cfg.trim.tokens == "all" else stats.last_inputs()
     result = trim_allocation(W, X, ranks, sparsity, cfg.trim)
     info = {"lr": result.lr, "objective": result.objective, "uniform_objective": result.uniform_objective}
-    if cfg.method == "sparsegpt":
-        return sparsegpt_prune(W, stats.gram, sparsity, None, result.row_sparsity, cfg.blocksize, cfg.damp), info
+    if cfg.method in RECONSTRUCTIONS:
+        W, solver = reconstruct(W, stats, cfg, sparsity, result.row_sparsity)
+        return W, info | solver
     return W.masked_fill(~rowwise_mask(ranks, prune_counts(result.row_sparsity, W.shape[1])), 0), info
+
+
+def reconstruct(
+    W: torch.Tensor, stats: LayerStats, cfg: SparseConfig, sparsity: float, row_sparsity: torch.Tensor | None
+) -> tuple[torch.Tensor, dict]:
+    """SparseGPT, ALPS or ADMM from the layer's X X^T, at `sparsity` or per-row targets."""
+    if cfg.method == "sparsegpt":
+        return sparsegpt_prune(W, stats.gram, sparsity, cfg.pattern, row_sparsity, cfg.blocksize, cfg.damp), {}
+    solve = alps_prune if cfg.method == "alps" else admm_prune
+    result = solve(W, stats.gram, sparsity, cfg.pattern, row_sparsity, cfg.alps or cfg.admm)
+    info = {k: v for k, v in result.stats().items() if k != "support_changes"}  # per-check detail stays out
+    return result.weight, info
 
 
 def row_summary(W: torch.Tensor) -> dict[str, float]:

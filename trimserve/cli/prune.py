@@ -52,7 +52,7 @@ def calibration_of(args: argparse.Namespace) -> CalibrationRef:
 def register_sparse(prune_sub: argparse._SubParsersAction) -> None:
     p = prune_sub.add_parser(
         "sparse",
-        help="unstructured or N:M sparsity (magnitude, Wanda, SparseGPT, OWL, TRIM)",
+        help="unstructured or N:M sparsity (magnitude, Wanda, SparseGPT, ALPS, ADMM, OWL, TRIM)",
         description="Prune every linear of the decoder blocks, one block at a time from calibration data. "
         "--method owl is OWL+Wanda; trim is TRIM over --base scores (default wanda); --owl-lambda adds OWL "
         "layer ratios to any unstructured method.",
@@ -66,6 +66,20 @@ def register_sparse(prune_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier multiple M (default 5)")
     p.add_argument("--owl-nsamples", type=int, default=None, help="windows for OWL's dense pass (default all)")
     p.add_argument("--trim-tokens", choices=("last", "all"), default="last", help="TRIM metric tokens")
+    p.add_argument(
+        "--alps",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ALPS setting (max_iterations, rho0, damping, cg_steps, ...; see pruning/sparse/alps.py)",
+    )
+    p.add_argument(
+        "--admm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ADMM setting (iterations, mask_iterations, rho, damping, refit_steps, gradual, ...)",
+    )
     p.add_argument(
         "--sequential",
         action="store_true",
@@ -92,6 +106,8 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         args.owl_nsamples,
         args.trim_tokens,
         args.sequential,
+        alps=key_values(args.alps, "--alps"),
+        admm=key_values(args.admm, "--admm"),
         dtype=args.dtype,
         batch_size=args.batch_size,
         compressed=not args.no_compressed,
@@ -102,6 +118,13 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     else:
         print(f"{recipe.config.label}: wrote {args.out} in {built.manifest.stats['prune_seconds']:.0f} s of pruning")
     return 0
+
+
+def key_values(items: list[str], flag: str) -> dict[str, str] | None:
+    pairs = [item.partition("=") for item in items]
+    if any(not sep or not key for key, sep, _ in pairs):
+        raise ValueError(f"{flag} takes KEY=VALUE, not {items}")
+    return {key: value for key, _, value in pairs} or None
 
 
 def register_depth(prune_sub: argparse._SubParsersAction) -> None:
