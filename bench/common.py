@@ -1,16 +1,23 @@
-"""What several benchmark scripts share: the machine line for RESULTS.md, the plain `model.generate`
-baseline, and the tie-aware check of a greedy answer. Scripts run as `python bench/NAME.py`, so
-this module sits beside them."""
+"""What several benchmark scripts share: the machine line for RESULTS.md, `trimserve serve` as a
+subprocess, the plain `model.generate` baseline, and the tie-aware check of a greedy answer.
+Scripts run as `python bench/NAME.py`, so this module sits beside them."""
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> str:
@@ -20,6 +27,50 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """`trimserve serve ARGS` on a free port, waited on until /ready answers 200."""
+
+    def __init__(self, log_path: Path, *args: str, timeout_s: float = 1200) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "trimserve.cli", "serve", "--port", str(self.port), *args]
+        self.log = log_path.open("w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        began = time.monotonic()
+        while time.monotonic() - began < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"trimserve serve exited with {self.process.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    self.startup_s = time.monotonic() - began
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"not ready after {timeout_s} s; see {log_path}")
+
+    def variant(self, name: str) -> dict:
+        return httpx.get(f"{self.url}/v1/variants/{name}", timeout=10).json()
+
+    def metric(self, name: str, variant: str) -> float | None:
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f'{name}{{variant="{variant}"}}'):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=120)
+        self.log.close()
+        return code
 
 
 @torch.inference_mode()

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -40,58 +39,12 @@ from variants.format import CalibrationRef
 from variants.load import fetch_embedded
 from variants.recipes import DepthRecipe
 
-from common import machine
+from common import Serve, machine
 
 log = logging.getLogger("bench.gateway")
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {"c1": (1, 16), "c8": (8, 32), "c16": (16, 64)}
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Serve:
-    """`trimserve serve ARGS` on a free port, waited on until /ready answers 200."""
-
-    def __init__(self, log_path: Path, *args: str, timeout_s: float = 1200) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "trimserve.cli", "serve", "--port", str(self.port), *args]
-        self.log = log_path.open("w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        began = time.monotonic()
-        while time.monotonic() - began < timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"trimserve serve exited with {self.process.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - began
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"not ready after {timeout_s} s; see {log_path}")
-
-    def variant(self, name: str) -> dict:
-        return httpx.get(f"{self.url}/v1/variants/{name}", timeout=10).json()
-
-    def metric(self, name: str, variant: str) -> float | None:
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(f'{name}{{variant="{variant}"}}'):
-                return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=120)
-        self.log.close()
-        return code
 
 
 def workload(url: str, model: str, label: str, seed: int) -> tuple[list, float]:

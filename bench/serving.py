@@ -19,9 +19,6 @@ import asyncio
 import gc
 import json
 import logging
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,7 +31,7 @@ import torch
 from trimserve.loadgen import LoadConfig, RequestResult, make_prompt, markdown, prompt_of, run_bench
 from variants.load import load_model
 
-from common import TIE_LOGITS, generate_speed, greedy_margin, machine
+from common import TIE_LOGITS, Serve, generate_speed, greedy_margin, machine
 
 log = logging.getLogger("bench.serving")
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,37 +62,6 @@ def generate_baseline(model_name: str, dtype: str, prompts: list[str], output_to
         "prompts": len(prompts) - 1,
         "weight_bytes": weight_bytes,
     }
-
-
-class Server:
-    """`trimserve serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, dtype: str, log_path: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "trimserve.cli", "serve", "--model", "full=smollm2-135m", "--dtype", dtype]
-        cmd += ["--port", str(self.port)]
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server not ready after 300 s")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=60)
-        self.log.close()
-        return code
 
 
 MALFORMED: list[tuple[str, dict]] = [
@@ -257,7 +223,7 @@ def main() -> int:
         log.info("[%s] plain model.generate baseline", dtype)
         run["generate"] = generate_baseline("smollm2-135m", dtype, prompts, 64)
         run["floor_tpot_s"] = run["generate"]["weight_bytes"] / (bandwidth * 1e9)
-        server = Server(dtype, args.out / f"server-{dtype}.log")
+        server = Serve(args.out / f"server-{dtype}.log", "--model", "full=smollm2-135m", "--dtype", dtype)
         try:
             run_bench(LoadConfig(url=server.url, requests=2, output_tokens=8, seed=99))  # warm-up
             for label, concurrency, requests in (("c1", 1, 16), ("c8", 8, 32)):

@@ -17,17 +17,18 @@ from service.backends import make_backend
 from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import BearerAuth, BodyLimit
-from service.registry import model_specs
+from service.registry import Plan, serve_plan, shadow_specs
 from service.settings import Settings
+from service.shadow import Shadow
 from service.state import ServerState
 
 log = logging.getLogger(__name__)
 
 
-def backends_from(settings: Settings, metrics: Metrics) -> tuple[list[Backend], dict[str, dict[str, int]]]:
-    """One backend per model the settings name, and the experiments over them."""
-    specs, ab = model_specs(settings)
-    return [make_backend(spec, settings, metrics.observer(spec.name)) for spec in specs], ab
+def backends_from(settings: Settings, metrics: Metrics) -> tuple[list[Backend], Plan]:
+    """One backend per model the settings name, and the plan (experiments, shadows) over them."""
+    plan = serve_plan(settings)
+    return [make_backend(spec, settings, metrics.observer(spec.name)) for spec in plan.models], plan
 
 
 def record_backend(backend: Backend, metrics: Metrics) -> None:
@@ -59,6 +60,8 @@ async def drain(state: ServerState) -> None:
         log.info("shutting down: finishing in-flight requests (up to %g s)", state.settings.shutdown_timeout_s)
     state.ready = False
     timeout = state.settings.shutdown_timeout_s
+    if state.shadow is not None:
+        await state.shadow.close()
     await asyncio.gather(*(backend.close(timeout) for backend in state.variants.values()))
 
 
@@ -68,8 +71,11 @@ def create_app(settings: Settings, *, backends: list[Backend] | None = None, met
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        made, ab = backends_from(settings, state.metrics) if backends is None else (backends, dict(settings.ab))
-        state.experiments = experiments_from(ab, {b.name for b in made})
+        if backends is None:
+            made, plan = backends_from(settings, state.metrics)
+        else:
+            made, plan = backends, Plan([], dict(settings.ab), shadow_specs(settings.shadow, "settings"))
+        state.experiments = experiments_from(plan.ab, {b.name for b in made})
         try:
             for backend in made:
                 state.variants[backend.name] = backend
@@ -83,6 +89,16 @@ def create_app(settings: Settings, *, backends: list[Backend] | None = None, met
                 record_backend(backend, state.metrics)
 
             await asyncio.gather(*(start(b) for b in made))
+            if plan.shadow:
+                state.shadow = Shadow(
+                    plan.shadow,
+                    state.variants,
+                    state.metrics,
+                    settings.shadow_seed,
+                    settings.shadow_queue,
+                    settings.shadow_busy,
+                )
+                state.shadow.start()
             state.ready = True
             log.info("ready: variants %s, experiments %s", list(state.variants), list(state.experiments))
             yield

@@ -65,12 +65,26 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Score:
+    """How a model rates a given answer to a request: its mean token NLL, and the share of the
+    answer's tokens that are its own greedy (top-1) choice at their position."""
+
+    tokens: int
+    nll: float
+    top1: float
+
+
+@dataclass(frozen=True)
 class Delta:
-    """A piece of the answer; the last one has the finish reason and the usage."""
+    """A piece of the answer; the last one has the finish reason and the usage, and, from a backend
+    that knows them, the answer's token ids (so a shadow scorer need not tokenize the text again)
+    and the answer's score under the model that wrote it."""
 
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    token_ids: tuple[int, ...] | None = None
+    own_score: Score | None = None
 
 
 @dataclass
@@ -117,6 +131,16 @@ class Backend(Protocol):
 
     def memory(self) -> Memory: ...
 
+    def load(self) -> tuple[int, int]:
+        """Requests (running, waiting) now."""
+        ...
+
+    async def score(self, request: GenerationRequest, answer: str, answer_ids: tuple[int, ...] | None) -> Score:
+        """Rate `answer` (the text another model gave; its token ids when known) as a continuation
+        of `request`, in one forward pass and no generation. Raises ScoringUnsupported where the
+        backend cannot (see the backend's docstring)."""
+        ...
+
     @property
     def healthy(self) -> bool:
         """Whether the backend can take requests now."""
@@ -129,6 +153,10 @@ class Backend(Protocol):
 
 class BackendError(Exception):
     """Base of the errors a backend raises; the HTTP layer maps each to a status."""
+
+
+class ScoringUnsupported(BackendError):
+    """The backend cannot rate a given answer (its upstream has no prompt log-probabilities)."""
 
 
 class InvalidRequest(BackendError):

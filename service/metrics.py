@@ -14,6 +14,9 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 12
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Shadow scoring: mean token NLL of an answer (nats), and the share of its tokens a model would pick.
+NLL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 8)
+AGREEMENT_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 
 
 class Metrics:
@@ -70,6 +73,25 @@ class Metrics:
         self.backend_restarts = Counter(
             "trimserve_backend_restarts", "Times a supervised backend process was restarted", v, registry=r
         )
+        s = ["variant", "reference"]  # variant: the model rating; reference: the model whose answers it rates
+        self.shadow_nll = Histogram(
+            "trimserve_shadow_nll",
+            "Mean token NLL of a reference's answer under the variant (variant == reference: its own)",
+            s,
+            buckets=NLL_BUCKETS,
+            registry=r,
+        )
+        self.shadow_top1 = Histogram(
+            "trimserve_shadow_top1_agreement",
+            "Share of a reference answer's tokens that are the variant's greedy choice",
+            s,
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
+        self.shadow_tokens = Counter("trimserve_shadow_tokens", "Answer tokens scored in the shadow", s, registry=r)
+        self.shadow_items = Counter(
+            "trimserve_shadow_items", "Shadow exchanges, by outcome", [*s, "outcome"], registry=r
+        )  # outcome: scored | dropped_queue_full | dropped_busy | unsupported | failed
 
     def observer(self, variant: str) -> VariantObserver:
         """What one variant's backend reports its queue to."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
 from service.settings import ModelSpec, Settings
+from service.shadow import ShadowSpec
 from variants.format import MANIFEST, VariantError, read_manifest
 from variants.store import DEFAULT_MODEL, variants_dir
 
@@ -34,8 +36,27 @@ def parse_model_arg(text: str) -> ModelSpec:
         raise ValueError(f"--model {text!r}: {err.errors()[0]['msg']}") from None
 
 
-def read_config(path: Path) -> tuple[list[ModelSpec], dict[str, dict[str, int]]]:
-    """Models and A/B experiments from a TOML or YAML file."""
+@dataclass(frozen=True)
+class Plan:
+    """What a server runs: its models, the A/B experiments over them, and the shadows."""
+
+    models: list[ModelSpec]
+    ab: dict[str, dict[str, int]] = field(default_factory=dict)  # experiment -> {variant: weight}
+    shadow: list[ShadowSpec] = field(default_factory=list)
+
+
+def shadow_specs(shadow: dict[str, dict[str, object]], where: str) -> list[ShadowSpec]:
+    """`{reference: {variants: [...], rate: 0.1}}` (the config file's and the settings' form)."""
+    specs = []
+    for reference, entry in shadow.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("variants"), list):
+            raise ValueError(f"{where}: shadow.{reference} needs `variants: [NAME, ...]` (and optionally `rate`)")
+        specs.append(ShadowSpec(str(reference), tuple(map(str, entry["variants"])), float(entry.get("rate", 1.0))))
+    return specs
+
+
+def read_config(path: Path) -> Plan:
+    """Models, A/B experiments and shadows from a TOML or YAML file."""
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -62,7 +83,11 @@ def read_config(path: Path) -> tuple[list[ModelSpec], dict[str, dict[str, int]]]
     ab = data.get("ab", {})
     if not isinstance(ab, dict):
         raise ValueError(f"{path}: `ab` must map experiment names to {{variant: weight}}")
-    return specs, {str(k): {str(v): int(w) for v, w in arms.items()} for k, arms in ab.items()}
+    experiments = {str(k): {str(v): int(w) for v, w in arms.items()} for k, arms in ab.items()}
+    shadow = data.get("shadow", {})
+    if not isinstance(shadow, dict):
+        raise ValueError(f"{path}: `shadow` must map reference names to {{variants, rate}}")
+    return Plan(specs, experiments, shadow_specs(shadow, str(path)))
 
 
 def default_specs(directory: Path, base: str = DEFAULT_MODEL) -> list[ModelSpec]:
@@ -89,14 +114,17 @@ def default_specs(directory: Path, base: str = DEFAULT_MODEL) -> list[ModelSpec]
     return specs
 
 
-def model_specs(settings: Settings) -> tuple[list[ModelSpec], dict[str, dict[str, int]]]:
-    """The models to load and the experiments to run, with dtype/device defaults filled in."""
+def serve_plan(settings: Settings) -> Plan:
+    """The models to load (dtype/device defaults filled in), the experiments and the shadows to run;
+    the settings' experiments and shadows win over a config file's of the same name."""
     ab = dict(settings.ab)
+    shadow = {spec.reference: spec for spec in shadow_specs(settings.shadow, "settings")}
     if settings.models:
         specs = list(settings.models)
     elif settings.config_file is not None:
-        specs, file_ab = read_config(settings.config_file)
-        ab = {**file_ab, **ab}
+        plan = read_config(settings.config_file)
+        specs, ab = plan.models, {**plan.ab, **ab}
+        shadow = {spec.reference: spec for spec in plan.shadow} | shadow
         if not specs:
             raise ValueError(f"{settings.config_file}: no models listed")
     else:
@@ -109,7 +137,11 @@ def model_specs(settings: Settings) -> tuple[list[ModelSpec], dict[str, dict[str
         spec.model_copy(update={"dtype": spec.dtype or settings.dtype, "device": spec.device or settings.device})
         for spec in specs
     ]
-    return filled, ab
+    for spec in shadow.values():
+        unknown = sorted({spec.reference, *spec.variants} - set(names))
+        if unknown:
+            raise ValueError(f"shadow of {spec.reference!r} names unknown variants {unknown}; loaded: {names}")
+    return Plan(filled, ab, list(shadow.values()))
 
 
 def read_manifest_json(directory: Path) -> dict | None:

@@ -27,10 +27,12 @@ from service.backend import (
     InvalidRequest,
     Overloaded,
     RequestTimeout,
+    Score,
 )
 from service.errors import APIError, error_event, from_exception
 from service.metrics import Metrics
 from service.protocol import SamplingRequest, UnsupportedField, Usage, new_id
+from service.shadow import Exchange, Shadow
 from service.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,18 @@ def outcome_of(err: BaseException) -> str:
 class Generation:
     """Text deltas for one request; `start()` waits for the first delta (errors surface there)."""
 
-    def __init__(self, backend: Backend, request: GenerationRequest, metrics: Metrics) -> None:
+    def __init__(
+        self, backend: Backend, request: GenerationRequest, metrics: Metrics, shadow: Shadow | None = None
+    ) -> None:
         self.backend = backend
+        self.request = request
         self.metrics = metrics
+        self.shadow = shadow
         self.finish_reason: FinishReason | None = None
         self.prompt_tokens = self.completion_tokens = 0
+        self._pieces: list[str] = []  # the answer so far, for the shadow
+        self._answer_ids: tuple[int, ...] | None = None
+        self._own_score: Score | None = None
         self._started = time.perf_counter()
         self._first_text_at: float | None = None
         self._deltas = backend.generate(request)
@@ -116,17 +125,22 @@ class Generation:
                 if delta.text:
                     if self._first_text_at is None:
                         self._first_text_at = time.perf_counter()
+                    self._pieces.append(delta.text)
                     yield delta.text
                 if delta.finish_reason is not None:
                     self.finish_reason = delta.finish_reason
                     if delta.usage is not None:
                         self.prompt_tokens = delta.usage.prompt_tokens
                         self.completion_tokens = delta.usage.completion_tokens
+                    self._answer_ids, self._own_score = delta.token_ids, delta.own_score
                     self._exhausted = True
                     break
                 delta = await self._next()
             self.finish_reason = self.finish_reason or "stop"
             self._record("ok")
+            if self.shadow is not None:  # the whole answer is out; offering never waits
+                answer = "".join(self._pieces)
+                self.shadow.offer(Exchange(self.backend.name, self.request, answer, self._answer_ids, self._own_score))
         except BaseException as err:
             self._exhausted = self._exhausted or not isinstance(err, asyncio.CancelledError | GeneratorExit)
             self._record(outcome_of(err))
@@ -197,7 +211,7 @@ async def respond(
     prompt_field: str,
 ) -> Response:
     """Run the request and answer with JSON, or with SSE when `stream` is set."""
-    generation = Generation(backend, work, state.metrics)
+    generation = Generation(backend, work, state.metrics, state.shadow)
     rid, model = new_id(fmt.id_prefix), backend.name
     headers = {VARIANT_HEADER: model}
     try:

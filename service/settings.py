@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     device: Device = "cpu"
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
     ab: dict[str, dict[str, int]] = Field(default_factory=dict)  # experiment -> {variant: weight}
+    # reference -> {"variants": [...], "rate": share}: the variants rate a share of the reference's answers
+    shadow: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    shadow_seed: int = 0  # seeds the hash that picks which exchanges are replayed
+    shadow_queue: int = Field(32, ge=1)  # exchanges waiting per shadow model; more are dropped
+    shadow_busy: int = Field(4, ge=0)  # a model with more live requests running (or any waiting) drops them
     api_key: SecretStr | None = None
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_batch_size: int = Field(8, ge=1)

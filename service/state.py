@@ -10,6 +10,7 @@ from service.backend import Backend
 from service.errors import APIError, model_not_found
 from service.metrics import Metrics
 from service.settings import Settings
+from service.shadow import Shadow
 
 
 @dataclass
@@ -18,6 +19,7 @@ class ServerState:
     metrics: Metrics
     variants: dict[str, Backend] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
+    shadow: Shadow | None = None
     ready: bool = False
     rng: random.Random = field(default_factory=random.Random)
 

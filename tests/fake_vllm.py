@@ -3,8 +3,11 @@
 It takes the arguments trimserve passes to `vllm serve` (--model, --host, --port,
 --served-model-name, --dtype, ...), answers `/health` after `--startup-delay` seconds,
 `/v1/models`, and streamed `/v1/completions` (it spells the prompt's words back, one chunk each,
-then a usage chunk and `data: [DONE]`). Like vLLM it starts a child process that outlives a
-killed parent, so the supervisor's clean-up of the whole process group is tested too.
+then a usage chunk and `data: [DONE]`). For shadow scoring it has `/tokenize` (a word is one
+token, `fake_token`) and, given `prompt_logprobs`, vLLM's answer shape: a list with `None` for the
+first token and `{str(id): {logprob, rank}}` for the others, from the rule in `fake_logprob`.
+Like vLLM it starts a child process that outlives a killed parent, so the supervisor's clean-up
+of the whole process group is tested too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def fake_token(word: str) -> int:
+    return sum(map(ord, word)) % 1000
+
+
+def fake_logprob(token: int) -> tuple[float, int]:
+    """The fake model's log-probability and rank of a token, whatever precedes it."""
+    return -(token % 7) / 4, 1 if token % 2 == 0 else 2
 
 
 def main() -> None:
@@ -54,8 +66,18 @@ def main() -> None:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                text = body.get("prompt") or " ".join(m["content"] for m in body.get("messages", []))
+                self._json(200, {"tokens": [fake_token(w) for w in str(text).split()]})
+                return
             if self.path != "/v1/completions" or body.get("model") != name:
                 self._json(404, {"error": {"message": "no such model", "type": "NotFoundError", "code": 404}})
+                return
+            if body.get("prompt_logprobs") is not None:
+                entries = [None] + [
+                    {str(t): dict(zip(("logprob", "rank"), fake_logprob(t), strict=True))} for t in body["prompt"][1:]
+                ]
+                self._json(200, {"choices": [{"index": 0, "text": " x", "prompt_logprobs": entries}]})
                 return
             words = str(body["prompt"]).split()[: body.get("max_tokens", 16)]
             self.send_response(200)

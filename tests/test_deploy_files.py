@@ -193,7 +193,8 @@ def test_serve_config_is_valid_settings_and_the_same_in_compose_and_k8s() -> Non
     config = load(DEPLOY / "serve.yaml")
     configmap = load(K8S / "configmap.yaml")
     assert yaml.safe_load(configmap["data"]["serve.yaml"]) == config
-    specs, ab = read_config(DEPLOY / "serve.yaml")  # what the server reads at start
+    plan = read_config(DEPLOY / "serve.yaml")  # what the server reads at start
+    specs, ab = plan.models, plan.ab
     names = {s.name for s in specs}
     assert "full" in names, "the alerts and dashboard compare against a variant named full"
     assert set(experiments_from(ab, names)) == {"chat"}
@@ -266,7 +267,8 @@ def test_gateway_compose_puts_one_vllm_server_per_variant_behind_the_gateway(tmp
     assert set(env) <= {f"TRIMSERVE_{f.upper()}" for f in Settings.model_fields}
     mounts = {target: source for source, target in map(split_volume, gateway["volumes"])}
     assert mounts[env["TRIMSERVE_CONFIG_FILE"]] == "./gateway.yaml"
-    specs, ab = read_config(GATEWAY / "gateway.yaml")
+    plan = read_config(GATEWAY / "gateway.yaml")
+    specs, ab = plan.models, plan.ab
     assert {s.backend for s in specs} == {"url"} and "full" in {s.name for s in specs}
     assert set(experiments_from(ab, {s.name for s in specs})) == {"chat"}
     prom = load(GATEWAY / "prometheus.yml")

@@ -82,6 +82,9 @@ def test_no_metric_name_anywhere_in_deploy_is_unknown() -> None:
         "trimserve_process_resident_memory_bytes",
         "trimserve_cuda_memory_allocated_bytes",
         "trimserve_cuda_memory_peak_bytes",
+        "trimserve_shadow_nll_sum",
+        "trimserve_shadow_top1_agreement_sum",
+        "trimserve_shadow_items_total",
     ],
 )
 def test_dashboard_shows_each_comparison(series: str) -> None:

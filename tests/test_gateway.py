@@ -150,13 +150,16 @@ def test_a_client_leaving_closes_the_upstream_stream(gateway: Gateway, upstream:
 
 
 def test_the_upstream_429_reaches_the_client_with_retry_after(gateway: Gateway, upstream: ServeProcess) -> None:
-    long = {"model": "remote", "prompt": "a", "max_tokens": 2900, **GREEDY}
-    holders = [
-        threading.Thread(
-            target=httpx.post, args=(f"{gateway.url}/v1/completions",), kwargs={"json": long, "timeout": 60}
-        )
-        for _ in range(2)
-    ]
+    long = {"model": "remote", "prompt": "a", "max_tokens": 2900, "stream": True, **GREEDY}
+    done = threading.Event()
+
+    def hold() -> None:  # a long stream, left as soon as the test has its answer
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=long, timeout=120) as response:
+            for _ in response.iter_lines():
+                if done.is_set():
+                    return
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
     for holder in holders:
         holder.start()
 
@@ -164,10 +167,13 @@ def test_the_upstream_429_reaches_the_client_with_retry_after(gateway: Gateway, 
         text = httpx.get(f"{upstream.url}/metrics").text
         return 'trimserve_requests_running{variant="full"} 2.0' in text
 
-    assert wait_for(upstream_full, 30)
-    refused = httpx.post(f"{gateway.url}/v1/completions", json={"model": "remote", "prompt": "b"}, timeout=60)
-    for holder in holders:
-        holder.join(timeout=60)
+    try:
+        assert wait_for(upstream_full, 30)
+        refused = httpx.post(f"{gateway.url}/v1/completions", json={"model": "remote", "prompt": "b"}, timeout=60)
+    finally:
+        done.set()
+        for holder in holders:
+            holder.join(timeout=60)
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
 
@@ -232,3 +238,22 @@ def test_an_upstream_that_is_not_the_openai_api_is_refused(capsys, tmp_path) -> 
         html.shutdown()
     err = capsys.readouterr().err
     assert "variant 'web'" in err and "other than the OpenAI model list" in err
+
+
+def test_a_shadow_upstream_without_prompt_logprobs_is_counted_unsupported(upstream, tiny_variant) -> None:
+    """trimserve has no /tokenize, so it cannot rate another model's answer; live traffic is unaffected."""
+    models = [
+        ModelSpec(name="remote", source=f"{upstream.url}/v1", manifest_dir=str(tiny_variant)),
+        ModelSpec(name="native", source=str(tiny_variant)),
+    ]
+    gateway = Gateway(Settings(models=models, shadow={"native": {"variants": ["remote"]}}, max_tokens=3000))
+    try:
+        body = {"model": "native", "prompt": "one two", "max_tokens": 4, **GREEDY}
+        assert httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=60).status_code == 200
+        labels = {"reference": "native", "outcome": "unsupported", "variant": "remote"}
+        assert wait_for(lambda: gateway.metric("trimserve_shadow_items_total", **labels) == 1, 10)
+        assert (
+            gateway.metric("trimserve_shadow_items_total", **{**labels, "variant": "native", "outcome": "scored"}) == 1
+        )
+    finally:
+        gateway.stop()

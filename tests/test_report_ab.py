@@ -20,7 +20,9 @@ from trimserve.report import (
     markdown_table,
     merge_benches,
     pareto_front,
+    read_fidelity,
     read_memory,
+    scrape,
 )
 from variants.format import BaseModelRef, ParamCounts, VariantManifest, write_manifest
 
@@ -160,13 +162,35 @@ def test_read_memory_sums_cuda_devices_from_a_real_scrape(tmp_path: Path) -> Non
     metrics.weight_bytes.labels(variant="depth8").set(3e6)
     metrics.cuda_peak.labels(variant="full", device="cuda:0").set(1e9)
     metrics.cuda_peak.labels(variant="full", device="cuda:1").set(5e8)
-    scrape = tmp_path / "metrics.txt"
-    scrape.write_bytes(generate_latest(metrics.registry))
-    memory = read_memory(str(scrape))
+    path = tmp_path / "metrics.txt"
+    path.write_bytes(generate_latest(metrics.registry))
+    memory = read_memory(scrape(str(path)))
     assert memory["full"] == {"weight_bytes": 4e6, "cuda_peak_bytes": 1.5e9}
     assert memory["depth8"] == {"weight_bytes": 3e6}
     with pytest.raises(ValueError, match="cannot read metrics"):
-        read_memory(str(tmp_path / "missing.txt"))
+        scrape(str(tmp_path / "missing.txt"))
+
+
+def test_shadow_fidelity_columns_from_a_real_scrape(bench_file: Path) -> None:
+    metrics = Metrics()
+    for variant, nlls, top1s in [("full", [1.0, 2.0], [1.0, 1.0]), ("depth8", [1.5, 3.5], [0.8, 0.6])]:
+        for nll, top1 in zip(nlls, top1s, strict=True):
+            metrics.shadow_nll.labels(variant=variant, reference="full").observe(nll)
+            metrics.shadow_top1.labels(variant=variant, reference="full").observe(top1)
+    metrics.shadow_nll.labels(variant="depth8", reference="other").observe(9.0)  # another reference: not ours
+    fidelity = read_fidelity(generate_latest(metrics.registry).decode(), "full")
+    assert fidelity == {
+        "full": {"nll": 1.5, "top1": 1.0, "items": 2},
+        "depth8": {"nll": 2.5, "top1": pytest.approx(0.7), "items": 2},
+    }
+    rows = build_rows(load_bench(bench_file), {}, {}, {}, "full", fidelity)
+    table = markdown_table(rows, "full")
+    header = table.splitlines()[0].split(" | ")
+    depth8 = next(line for line in table.splitlines() if line.startswith("| depth8 ")).split(" | ")
+    assert header[-4:-1] == ["shadow NLL", "/full", "top-1 agree"]
+    assert depth8[-4:-1] == ["2.500", "1.67", "0.700"] and depth8[-1].startswith("2")
+    assert "–" in next(line for line in table.splitlines() if line.startswith("| sparse50 "))  # not shadowed
+    assert "shadow" not in markdown_table(build_rows(load_bench(bench_file), {}, {}, {}, "full"), "full")
 
 
 def test_cli_writes_table_and_charts(tmp_path: Path, bench_file: Path, capsys: pytest.CaptureFixture) -> None:

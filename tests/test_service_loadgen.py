@@ -15,7 +15,7 @@ from tests.test_service_server import LiveServer, wait_for
 from tests.tiny_models import tiny_llama
 from trimserve.cli import build_parser, main
 from trimserve.cli.serve import serve_settings
-from trimserve.loadgen import LoadConfig, make_prompt, markdown, request_shape, run_bench
+from trimserve.loadgen import LoadConfig, make_prompt, markdown, read_prompts, request_shape, run_bench
 
 STATS = {"p50", "p90", "p99", "mean"}
 TIMES = ("ttft_s", "tpot_s", "e2e_s")
@@ -122,13 +122,47 @@ def test_bench_command_writes_json_and_markdown(live: LiveServer, tmp_path: Path
     assert table.read_text().startswith("| variant |")
 
 
+def test_real_prompts_through_the_chat_endpoint(live: LiveServer, tmp_path: Path, tokenizer) -> None:
+    questions = ["Is aspirin an anticoagulant?", "Does exercise lower blood pressure?"]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("".join(json.dumps({"prompt": q, "id": i}) + "\n" for i, q in enumerate(questions)))
+    out = tmp_path / "chat.json"
+    argv = ["bench", live.url, "--prompts", str(file), "--chat", "--requests", "4", "--output-tokens", "5"]
+    assert main([*argv, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["prompts"] == 2 and data["settings"]["chat"] is True
+    full = data["variants"]["full"]
+    assert full["requests"] == 4 and full["output_tokens"] == 20 and full["ttft_s"]["p50"] > 0
+    # the fake engine echoes the prompt it got: the chat template around each question
+    seen = [tokenizer.decode(ids) for ids, _ in live.engines["full"].seen[-4:]]
+    assert all("<|im_start|>user" in text for text in seen)
+    assert [questions[0] in t for t in seen] == [True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "no prompts"), ('{"text": ""}\n', "needs a non-empty"), ('{"prompt": 1}\n{x\n', "needs a non-empty")],
+)
+def test_bad_prompt_files_are_refused(tmp_path: Path, content: str, message: str, capsys) -> None:
+    file = tmp_path / "prompts.jsonl"
+    file.write_text(content)
+    assert main(["bench", "http://127.0.0.1:9", "--prompts", str(file)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plain_text_prompt_files_are_one_prompt_per_line(tmp_path: Path) -> None:
+    file = tmp_path / "prompts.txt"
+    file.write_text("first question\n\nsecond question\n")
+    assert read_prompts(file) == ("first question", "second question")
+
+
 def test_serve_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRIMSERVE_API_KEY", "from-env")
     monkeypatch.setenv("TRIMSERVE_MAX_QUEUE", "7")
-    args = build_parser().parse_args(
-        ["serve", "--model", "full=/m/full", "--model", "d8=/m/d8", "--ab", "exp=full:3,d8:1", "--dtype", "bf16"]
-    )
+    argv = ["serve", "--model", "full=/m/full", "--model", "d8=/m/d8", "--ab", "exp=full:3,d8:1", "--dtype", "bf16"]
+    args = build_parser().parse_args([*argv, "--shadow", "full=d8@0.1"])
     settings = serve_settings(args)
+    assert settings.shadow == {"full": {"variants": ["d8"], "rate": 0.1}}
     assert [m.name for m in settings.models] == ["full", "d8"] and settings.dtype == "bf16"
     assert settings.ab == {"exp": {"full": 3, "d8": 1}}
     assert settings.api_key.get_secret_value() == "from-env" and settings.max_queue == 7
@@ -141,6 +175,9 @@ def test_serve_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> N
         ["serve", "--model", "full=/x", "--ab", "exp=full:1,ghost:1"],
         ["serve", "--ab", "broken"],
         ["serve", "--dtype", "int3"],
+        ["serve", "--model", "full=/x", "--shadow", "full"],
+        ["serve", "--model", "full=/x", "--shadow", "full=ghost@0.1"],
+        ["serve", "--model", "full=/x", "--model", "d=/y", "--shadow", "full=d@2"],
     ],
 )
 def test_serve_rejects_bad_configuration(argv: list[str], capsys: pytest.CaptureFixture) -> None:

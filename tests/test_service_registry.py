@@ -15,7 +15,7 @@ from service.app import create_app, record_backend
 from service.backends import make_backend
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest
-from service.registry import default_specs, model_specs, parse_model_arg, read_config
+from service.registry import default_specs, parse_model_arg, read_config, serve_plan
 from service.settings import ModelSpec, Settings
 from service.textstream import IncrementalDetokenizer, StopMatcher
 from tests.tiny_models import tiny_llama
@@ -114,7 +114,8 @@ def test_config_files_toml_and_yaml(tmp_path: Path) -> None:
         "ab:\n  chat: {full: 80, d8: 20}\n"
     )
     for path in (toml, yaml):
-        specs, ab = model_specs(Settings(config_file=path, dtype="fp32"))
+        plan = serve_plan(Settings(config_file=path, dtype="fp32"))
+        specs, ab = plan.models, plan.ab
         assert [(s.name, s.source, s.dtype, s.device) for s in specs] == [
             ("full", "smollm2-135m", "bf16", "cpu"),
             ("d8", "/v/d8", "fp32", "cpu"),
@@ -125,7 +126,7 @@ def test_config_files_toml_and_yaml(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="int3"):
         read_config(bad)
     with pytest.raises(ValueError, match="unique"):
-        model_specs(Settings(models=[ModelSpec(name="a", source="p"), ModelSpec(name="a", source="q")]))
+        serve_plan(Settings(models=[ModelSpec(name="a", source="p"), ModelSpec(name="a", source="q")]))
 
 
 def test_parse_model_arg() -> None:

@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -152,6 +153,8 @@ class LoadConfig:
     # each round, `requests` split over the rounds), so drift on a shared machine hits each alike;
     # 0 mixes them in one run, request i going to models[i % len(models)] (A/B traffic).
     rounds: int = 0
+    prompts: tuple[str, ...] = ()  # real prompts, cycled (prompt_tokens is then ignored); () makes them up
+    chat: bool = False  # send each prompt as one user message to /v1/chat/completions
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.requests < 1 or self.prompt_tokens < 4 or self.output_tokens < 1:
@@ -170,6 +173,8 @@ class LoadConfig:
             raise ValueError("duration_s must be > 0")
         if not self.models:
             raise ValueError("name at least one model")
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("a prompt is empty")
 
 
 @dataclass
@@ -215,7 +220,29 @@ def request_shape(config: LoadConfig, prompt_index: int) -> tuple[int, int]:
 
 
 def prompt_of(config: LoadConfig, prompt_index: int) -> str:
+    if config.prompts:
+        return config.prompts[prompt_index % len(config.prompts)]
     return make_prompt(prompt_index, request_shape(config, prompt_index)[0], config.seed)
+
+
+def read_prompts(path: Path) -> tuple[str, ...]:
+    """Prompts from a file: JSON lines with a `prompt` (or `text`) field, else one prompt per line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no prompts")
+    if not lines[0].lstrip().startswith("{"):
+        return tuple(lines)
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+        text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{number}: needs a non-empty `prompt` (or `text`) string")
+        prompts.append(text)
+    return tuple(prompts)
 
 
 def disconnect_after(config: LoadConfig, index: int) -> int | None:
@@ -229,9 +256,10 @@ async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) ->
     model = config.models[index % len(config.models)]
     result = RequestResult(index=index, prompt_index=prompt_index, model=model)
     drop_after = disconnect_after(config, index)
+    prompt = prompt_of(config, prompt_index)
     body = {
         "model": model,
-        "prompt": prompt_of(config, prompt_index),
+        **({"messages": [{"role": "user", "content": prompt}]} if config.chat else {"prompt": prompt}),
         "max_tokens": request_shape(config, prompt_index)[1],
         "temperature": config.temperature,
         "ignore_eos": config.ignore_eos,
@@ -242,7 +270,8 @@ async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) ->
     pieces: list[str] = []
     start = time.perf_counter()
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        path = "/v1/chat/completions" if config.chat else "/v1/completions"
+        async with client.stream("POST", path, json=body) as response:
             result.status = response.status_code
             result.variant = response.headers.get("x-trimserve-variant", model)
             if response.status_code != 200:
@@ -261,13 +290,14 @@ async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) ->
                     result.error = chunk["error"].get("message", "stream error")
                     continue
                 for choice in chunk.get("choices", []):
-                    if choice.get("text") and not pieces:
-                        result.ttft_s = time.perf_counter() - start
-                    pieces.append(choice.get("text", ""))
+                    text = choice.get("delta", {}).get("content") if config.chat else choice.get("text")
+                    if text:
+                        result.ttft_s = result.ttft_s or time.perf_counter() - start
+                        pieces.append(text)
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if drop_after is not None and sum(1 for p in pieces if p) >= drop_after:
+                if drop_after is not None and len(pieces) >= drop_after:
                     result.disconnected = True
                     break  # leaving the block closes the connection: the server sees the client go
         result.e2e_s = time.perf_counter() - start
@@ -368,6 +398,7 @@ def summarize(
         }
     settings = asdict(config)
     settings.pop("api_key")
+    settings["prompts"] = len(config.prompts)  # how many real prompts (0: made up), not their text
     return {
         "url": config.url,
         "started": started.isoformat(timespec="seconds"),

@@ -1,7 +1,10 @@
 """The A/B report: each variant's quality (its manifest) next to its speed (a `trimserve bench` run).
 
 One markdown table with ratios against the full model, plus two PNG charts: quality against
-speed with the Pareto front marked, and the latency distributions of every variant.
+speed with the Pareto front marked, and the latency distributions of every variant. Given the
+server's /metrics, the table adds each variant's memory and, where the server shadowed the
+baseline, its online fidelity: the mean NLL of the baseline's live answers under the variant and
+its top-1 agreement with them.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Row:
     quality: VariantQuality
     speed: dict[str, Any]  # the bench JSON's entry for this variant
     memory: dict[str, float]
+    fidelity: dict[str, float] = field(default_factory=dict)  # shadow: nll, top1, items
 
 
 def load_bench(path: Path) -> dict[str, Any]:
@@ -99,16 +103,19 @@ def discover(name: str, baseline: str) -> Path | None:
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
-def read_memory(source: str) -> dict[str, dict[str, float]]:
-    """Per-variant memory gauges from a /metrics URL or a saved scrape: {variant: {key: bytes}}."""
+def scrape(source: str) -> str:
+    """The text of a /metrics URL or of a saved scrape."""
     try:
         if source.startswith(("http://", "https://")):
             with urllib.request.urlopen(source, timeout=10) as response:
-                text = response.read().decode()
-        else:
-            text = Path(source).read_text()
+                return response.read().decode()
+        return Path(source).read_text()
     except OSError as err:  # URLError and HTTPError (e.g. 401 with --api-key) are OSErrors
         raise ValueError(f"cannot read metrics from {source}: {err}") from err
+
+
+def read_memory(text: str) -> dict[str, dict[str, float]]:
+    """Per-variant memory gauges from a /metrics page: {variant: {key: bytes}}."""
     memory: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         key = MEMORY_FAMILIES.get(family.name)
@@ -120,12 +127,33 @@ def read_memory(source: str) -> dict[str, dict[str, float]]:
     return memory
 
 
+def read_fidelity(text: str, reference: str) -> dict[str, dict[str, float]]:
+    """Shadow figures on `reference`'s answers from a /metrics page: {variant: {nll, top1, items}}
+    (means over the scored answers; the reference's own row is its NLL of its own answers)."""
+    sums: dict[str, dict[str, float]] = {}
+    wanted = {
+        "trimserve_shadow_nll_sum": "nll",
+        "trimserve_shadow_nll_count": "items",
+        "trimserve_shadow_top1_agreement_sum": "top1",
+    }
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted and sample.labels.get("reference") == reference:
+                sums.setdefault(sample.labels["variant"], {})[wanted[sample.name]] = sample.value
+    return {
+        name: {"nll": s["nll"] / s["items"], "top1": s["top1"] / s["items"], "items": s["items"]}
+        for name, s in sums.items()
+        if s.get("items")
+    }
+
+
 def build_rows(
     bench: dict[str, Any],
     dirs: dict[str, Path],
     evals: dict[str, dict[str, float]],
     memory: dict[str, dict[str, float]],
     baseline: str,
+    fidelity: dict[str, dict[str, float]] | None = None,
 ) -> list[Row]:
     """One row per benchmarked variant, the baseline first."""
     names = sorted(bench["variants"], key=lambda n: (n != baseline, n))
@@ -144,7 +172,7 @@ def build_rows(
             quality = checkpoint_quality(directory)
         if name in evals:
             quality = VariantQuality(**{**quality.__dict__, "eval": {**quality.eval, **evals[name]}})
-        rows.append(Row(name, quality, bench["variants"][name], memory.get(name, {})))
+        rows.append(Row(name, quality, bench["variants"][name], memory.get(name, {}), (fidelity or {}).get(name, {})))
     return rows
 
 
@@ -190,6 +218,9 @@ def markdown_table(rows: list[Row], baseline: str) -> str:
     memory_keys = [key for key in MEMORY_FAMILIES.values() if any(r.memory.get(key) for r in rows)]
     for key in memory_keys:
         header += [MEMORY_COLUMNS[key], "/full"]
+    shadowed = any(r.fidelity for r in rows)
+    if shadowed:
+        header += ["shadow NLL", "/full", "top-1 agree", "shadowed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         q, s = r.quality, r.speed
@@ -215,8 +246,21 @@ def markdown_table(rows: list[Row], baseline: str) -> str:
         for key in memory_keys:
             value = r.memory.get(key)
             cells += [_cell(value and value / 1e6, ".0f"), _cell(ratio(value, base.memory.get(key)), ".2f")]
+        if shadowed:
+            f = r.fidelity
+            cells += [
+                _cell(f.get("nll"), ".3f"),
+                _cell(ratio(f.get("nll"), base.fidelity.get("nll")), ".2f"),
+                _cell(f.get("top1"), ".3f"),
+                _cell(f.get("items"), ".0f"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"Ratios (/full) divide each variant's figure by `{baseline}`'s: below 1 is smaller, faster or lower."
+    if shadowed:
+        note += (
+            f" Shadow columns: `{baseline}`'s live answers rated by each variant (mean token NLL, share of"
+            f" tokens that are the variant's top choice); `{baseline}`'s own row is its NLL of its own answers."
+        )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

@@ -25,6 +25,7 @@ from service.backend import (
     InvalidRequest,
     Memory,
     Observer,
+    Score,
     Unavailable,
     Usage,
 )
@@ -105,11 +106,14 @@ class NativeBackend:
         events = self.engine.generate(prompt_ids, request.params, request.request_id)
         detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, prompt_ids)
         stopper = StopMatcher(list(request.stop))
-        completion_tokens = 0
+        answer: list[int] = []
+        nll = agreed = 0.0  # the answer rated by this model as it generates it
         finish: FinishReason = "stop"  # also when the engine ended the request without a reason (aborted)
         try:
             async for event in events:
-                completion_tokens += 1
+                answer.append(event.token_id)
+                nll -= event.logprob
+                agreed += event.greedy
                 text = stopper.feed(detokenizer.add(event.token_id))
                 if stopper.stopped or event.finish_reason is not None:
                     finish = "stop" if stopper.stopped else event.finish_reason
@@ -122,9 +126,30 @@ class NativeBackend:
             await events.aclose()  # now, not when this generator is closed: a stop string aborts the request
             if not stopper.stopped:
                 tail += stopper.feed(detokenizer.flush()) + stopper.flush()
-            yield Delta(tail, finish, Usage(len(prompt_ids), completion_tokens))
+            own = Score(len(answer), nll / len(answer), agreed / len(answer)) if answer else None
+            yield Delta(tail, finish, Usage(len(prompt_ids), len(answer)), tuple(answer), own)
         finally:
             await events.aclose()  # a request that did not run to its end is aborted
+
+    def load(self) -> tuple[int, int]:
+        if self.engine is None:
+            return 0, 0
+        return self.engine.num_running, self.engine.num_waiting
+
+    async def score(self, request: GenerationRequest, answer: str, answer_ids: tuple[int, ...] | None) -> Score:
+        """One forward over prompt + answer on the compute thread: the answer's mean token NLL and
+        the share of its tokens that are this model's greedy choice."""
+        if self.loaded is None:
+            raise Unavailable(f"variant {self.name!r} is not loaded")
+        prompt_ids = await asyncio.to_thread(self._encode, request)
+        ids = (
+            list(answer_ids)
+            if answer_ids is not None
+            else self.loaded.tokenizer.encode(answer, add_special_tokens=False)
+        )
+        if not ids:
+            return Score(0, 0.0, 1.0)
+        return await run_async(self.device, lambda: score_answer(self.loaded.model, prompt_ids, ids))
 
     def describe(self) -> dict[str, Any]:
         loaded = self.loaded
@@ -159,3 +184,14 @@ class NativeBackend:
     async def close(self, timeout: float) -> None:
         if self.engine is not None:
             await self.engine.shutdown(timeout)
+
+
+@torch.inference_mode()
+def score_answer(model: Any, prompt_ids: list[int], answer_ids: list[int]) -> Score:
+    """Mean NLL of `answer_ids` after `prompt_ids` under `model`, and its top-1 agreement."""
+    tokens = torch.tensor([prompt_ids + answer_ids], device=next(model.parameters()).device)
+    logits = model(tokens, use_cache=False, logits_to_keep=len(answer_ids) + 1).logits[0, :-1].float()
+    target = tokens[0, len(prompt_ids) :]
+    nll = torch.nn.functional.cross_entropy(logits, target)
+    top1 = (logits.argmax(-1) == target).float().mean()
+    return Score(len(answer_ids), float(nll), float(top1))

@@ -35,6 +35,8 @@ from service.backend import (
     Observer,
     Overloaded,
     RequestTimeout,
+    Score,
+    ScoringUnsupported,
     Unavailable,
     UpstreamFailed,
     UpstreamRejected,
@@ -316,6 +318,49 @@ class UpstreamBackend:
                 )
                 return
         raise UpstreamFailed(f"variant {self.name!r}: upstream stream ended without a finish reason and usage")
+
+    def load(self) -> tuple[int, int]:
+        return self._running, self._inflight - self._running
+
+    async def _tokenize(self, body: dict[str, Any]) -> list[int]:
+        response = await self._client.post(f"{self.api_root}/tokenize", json={"model": self.upstream_model, **body})
+        if response.status_code != 200:
+            raise ScoringUnsupported(f"variant {self.name!r}: upstream has no /tokenize ({response.status_code})")
+        return list(response.json()["tokens"])
+
+    async def score(self, request: GenerationRequest, answer: str, answer_ids: tuple[int, ...] | None) -> Score:
+        """vLLM's way: the prompt's tokens from `/tokenize` (chat messages through the upstream's own
+        template), then one completion of prompt + answer with `prompt_logprobs: 1` and `max_tokens: 1`,
+        whose entries carry each answer token's log-probability and rank. Upstreams without
+        `/tokenize` or `prompt_logprobs` (trimserve, TGI, llama.cpp's server) raise ScoringUnsupported."""
+        if request.messages is not None:
+            prompt = await self._tokenize({"messages": list(request.messages), "add_generation_prompt": True})
+        elif isinstance(request.prompt, list):
+            prompt = list(request.prompt)
+        else:
+            prompt = await self._tokenize({"prompt": request.prompt})
+        ids = (
+            list(answer_ids)
+            if answer_ids is not None
+            else await self._tokenize({"prompt": answer, "add_special_tokens": False})
+        )
+        if not ids:
+            return Score(0, 0.0, 1.0)
+        body = {"model": self.upstream_model, "prompt": prompt + ids, "max_tokens": 1, "prompt_logprobs": 1}
+        response = await self._client.post("completions", json={**body, "temperature": 0})
+        if response.status_code != 200:
+            raise ScoringUnsupported(
+                f"variant {self.name!r}: upstream refused prompt_logprobs ({response.status_code})"
+            )
+        entries = response.json()["choices"][0].get("prompt_logprobs")
+        if not entries or len(entries) != len(prompt) + len(ids):
+            raise ScoringUnsupported(f"variant {self.name!r}: upstream's answer has no prompt_logprobs")
+        nll = top1 = 0.0
+        for token, entry in zip(ids, entries[len(prompt) :], strict=True):
+            chosen = entry[str(token)]
+            nll -= chosen["logprob"]
+            top1 += chosen.get("rank") == 1
+        return Score(len(ids), nll / len(ids), top1 / len(ids))
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {

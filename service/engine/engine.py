@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel
@@ -383,6 +383,8 @@ class LLMEngine:
         """Sample each request's next token from its row of logits (B, vocab) and emit it."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = torch.argmax(logits, dim=-1).tolist()
+        # each token's log-probability under the model itself (no temperature): the answer's own NLL
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
         for i, req in enumerate(batch):
             try:
                 if not finite[i]:
@@ -391,7 +393,7 @@ class LLMEngine:
             except Exception as err:
                 self._fail(req, err, events)
                 continue
-            self._emit(req, token, events)
+            self._emit(req, TokenEvent(token, None, float(log_probs[i, token]), token == greedy[i]), events)
 
     def _fail(self, req: _Request, err: Exception, events: list[tuple[_Request, object]]) -> None:
         """End one request with an error; the rest of the batch is untouched."""
@@ -420,18 +422,18 @@ class LLMEngine:
                     budget -= len(req.prompt)
         return admitted
 
-    def _emit(self, req: _Request, token: int, events: list[tuple[_Request, object]]) -> None:
+    def _emit(self, req: _Request, event: TokenEvent, events: list[tuple[_Request, object]]) -> None:
         if req.aborted or req.done:
             return
-        req.output.append(token)
+        req.output.append(event.token_id)
         reason = None
-        if token in req.stop_ids:
+        if event.token_id in req.stop_ids:
             reason = "stop"
         elif len(req.output) >= req.params.max_tokens or req.length >= self.runner.max_seq:
             reason = "length"
         if reason is not None:
             req.done = True
-        events.append((req, TokenEvent(token, reason)))
+        events.append((req, replace(event, finish_reason=reason)))
 
     def _compact(self) -> None:
         """Remove finished and aborted requests, moving the last running request into each hole."""

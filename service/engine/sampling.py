@@ -46,10 +46,3 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     scaled = top_p_filter((logits - logits.max()) / params.temperature, params.top_p)
     probs = scaled.softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """Next tokens for a batch: logits (B, vocab), one params/generator per row."""
-    if all(g is None for g in generators):
-        return torch.argmax(logits, dim=-1).tolist()
-    return [sample_one(row, p, g) for row, p, g in zip(logits, params, generators, strict=True)]

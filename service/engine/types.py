@@ -26,6 +26,8 @@ class TokenEvent:
 
     token_id: int
     finish_reason: FinishReason | None = None
+    logprob: float = 0.0  # under the model's own distribution (before temperature and top-p)
+    greedy: bool = True  # whether it is the model's top-1 choice
 
 
 class Engine(Protocol):

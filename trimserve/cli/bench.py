@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="load-test a running server (streamed completions)")
+    bench = sub.add_parser("bench", help="load-test a running server (streamed completions or chat)")
     bench.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     bench.add_argument("--model", action="append", default=[], help="variant or experiment to target (repeat)")
     bench.add_argument(
@@ -23,7 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--rate", type=float, help="arrival rate in requests/s (Poisson) instead of a closed loop")
     bench.add_argument("--requests", type=int, default=16)
     bench.add_argument("--duration", type=float, help="seconds to keep sending (instead of --requests)")
-    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="length of the made-up prompts")
+    bench.add_argument(
+        "--prompts",
+        type=Path,
+        help="real prompts instead, cycled: a text file (one per line) or JSON lines with a `prompt` field",
+    )
+    bench.add_argument("--chat", action="store_true", help="send each prompt as a user message to /v1/chat/completions")
     bench.add_argument("--output-tokens", type=int, default=64)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
@@ -36,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from trimserve.loadgen import LoadConfig, markdown, run_bench
+    from trimserve.loadgen import LoadConfig, markdown, read_prompts, run_bench
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     config = LoadConfig(
@@ -54,6 +60,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         seed=args.seed,
         rounds=args.rounds,
+        prompts=read_prompts(args.prompts) if args.prompts else (),
+        chat=args.chat,
     )
     summary, _ = run_bench(config)
     table = markdown(summary)

@@ -6,7 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from trimserve.report import build_rows, load_bench, markdown_table, merge_benches, read_memory, write_report
+from trimserve.report import (
+    build_rows,
+    load_bench,
+    markdown_table,
+    merge_benches,
+    read_fidelity,
+    read_memory,
+    scrape,
+    write_report,
+)
 from variants.store import DEFAULT_MODEL
 
 
@@ -36,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     report.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="a variant's checkpoint")
     report.add_argument("--eval", action="append", default=[], metavar="NAME=JSON", help="`trimserve eval --json` file")
-    report.add_argument("--metrics", default=None, metavar="URL|FILE", help="the server's /metrics, for memory")
+    report.add_argument(
+        "--metrics",
+        default=None,
+        metavar="URL|FILE",
+        help="the server's /metrics: adds memory and, from a server run with --shadow, online fidelity",
+    )
     report.add_argument("--baseline", default="full", help="the variant ratios are taken against (default full)")
     report.add_argument("--quality", default=None, help="Pareto chart's quality metric (default ppl_wikitext2)")
     report.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
@@ -53,8 +67,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     for name, file in _pairs(args.eval, "--eval").items():
         scores = json.loads(Path(file).read_text())
         evals[name] = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
-    memory = read_memory(args.metrics) if args.metrics else {}
-    rows = build_rows(bench, dirs, evals, memory, args.baseline)
+    text = scrape(args.metrics) if args.metrics else ""
+    rows = build_rows(bench, dirs, evals, read_memory(text), args.baseline, read_fidelity(text, args.baseline))
     path = write_report(rows, bench, args.baseline, args.quality, args.out)
     print(markdown_table(rows, args.baseline))
     print(f"report: {path}")

@@ -45,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--config", type=Path, help="TOML or YAML listing models (name, source, dtype, device) and ab")
     serve.add_argument("--ab", action="append", default=[], metavar="EXP=VAR:W,VAR:W", help="an A/B experiment")
+    serve.add_argument(
+        "--shadow",
+        action="append",
+        default=[],
+        metavar="REF=VAR,VAR@RATE",
+        help="the variants rate a share RATE of REF's answers on live traffic (e.g. full=depth4,sparse40@0.1)",
+    )
     serve.add_argument("--variants-dir", type=Path, help="where default variants are found")
     serve.add_argument(
         "--dtype", help="default dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16, fp16"
@@ -76,6 +83,7 @@ def serve_settings(args: argparse.Namespace):
     from service.ab import parse_ab
     from service.registry import parse_model_arg
     from service.settings import Settings
+    from service.shadow import parse_shadow
 
     overrides: dict[str, Any] = {
         field: getattr(args, flag) for flag, field in SERVE_FLAGS.items() if getattr(args, flag) is not None
@@ -84,6 +92,9 @@ def serve_settings(args: argparse.Namespace):
         overrides["models"] = [parse_model_arg(text) for text in args.model]
     if args.ab:
         overrides["ab"] = {e.name: dict(e.arms) for e in map(parse_ab, args.ab)}
+    if args.shadow:
+        specs = [parse_shadow(text) for text in args.shadow]
+        overrides["shadow"] = {sp.reference: {"variants": list(sp.variants), "rate": sp.rate} for sp in specs}
     if args.vllm_env:
         pairs = [text.partition("=") for text in args.vllm_env]
         if any(not sep or not key for key, sep, _ in pairs):
@@ -101,15 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.ab import experiments_from
     from service.app import create_app, drain, preflight
     from service.backends import make_backend
-    from service.registry import model_specs
+    from service.registry import serve_plan
 
     try:
         settings = serve_settings(args)
     except ValidationError as err:
         raise ValueError(str(err)) from None
-    specs, ab = model_specs(settings)  # fail fast on a bad config, before loading anything
-    experiments_from(ab, {s.name for s in specs})
-    asyncio.run(preflight([make_backend(spec, settings) for spec in specs]))
+    plan = serve_plan(settings)  # fail fast on a bad config, before loading anything
+    experiments_from(plan.ab, {s.name for s in plan.models})
+    asyncio.run(preflight([make_backend(spec, settings) for spec in plan.models]))
     if settings.torch_threads is not None:
         import torch
 
