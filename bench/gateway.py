@@ -11,9 +11,11 @@ round in rotating order so drift on a shared machine hits every arm alike:
 Workloads: concurrency 1 x 16, 8 x 32 and 16 x 64 requests, prompts of about 128 tokens, 64 greedy
 tokens, EOS ignored. Then trimserve's own engine alone on the machine (bf16) at concurrency 16.
 Then an A/B experiment over `full` and a depth variant, each on its own vLLM server, with
-per-arm latency and each child's memory; under that load the depth variant's vLLM process is
-killed with SIGKILL: its requests must end with 502/503 (never hang), the other arm must see no
-error, `/ready` and `trimserve_backend_up` must say so, and the process must come back.
+per-arm latency and each child's memory, and every answer of `full` shadowed by the depth
+variant (scored through vLLM's `prompt_logprobs`; `full` rates its own answers the same way);
+under that load the depth variant's vLLM process is killed with SIGKILL: its requests must end
+with 502/503 (never hang), the other arm must see no error, `/ready` and `trimserve_backend_up`
+must say so, and the process must come back.
 
     .venv/bin/python bench/gateway.py --vllm-python .venv-vllm/bin/python --out bench/out/gateway
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from trimserve.loadgen import LoadConfig, markdown, run_bench, summarize
+from trimserve.report import read_fidelity
 from variants.build import build_variant
 from variants.format import CalibrationRef
 from variants.load import fetch_embedded
@@ -133,6 +136,8 @@ def main() -> int:
         f"depth4=vllm:{depth}",
         "--ab",
         "ab=full:50,depth4:50",
+        "--shadow",  # shadow A/B over vLLM: both rate full's answers through prompt_logprobs
+        "full=depth4@1",
         *common,
         *env_flags,
     )
@@ -143,6 +148,12 @@ def main() -> int:
     report["ab_memory_mb"] = {
         name: (ab.metric("trimserve_process_resident_memory_bytes", name) or 0) / 2**20 for name in ("full", "depth4")
     }
+    time.sleep(15)  # the last shadow items
+    metrics = httpx.get(f"{ab.url}/metrics", timeout=10).text
+    report["shadow_vllm"] = read_fidelity(metrics, "full")
+    report["shadow_vllm_items"] = [
+        line for line in metrics.splitlines() if line.startswith("trimserve_shadow_items_total")
+    ]
     report["fault"] = fault(ab)
     ab.stop()
     (args.out / "gateway.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -225,6 +236,7 @@ def results_markdown(report: dict) -> str:
         f"{report['arms']['vllm']['c16']['output_tokens_per_s'] / native:.2f}x ({native:.1f} tok/s native)"
     )
     lines += ["", report["ab_markdown"], "", f"A/B memory (MB, each vLLM process tree): {report['ab_memory_mb']}"]
+    lines.append(f"Shadow over vLLM (full's answers): {json.dumps(report['shadow_vllm'])}")
     lines.append(f"Fault: {json.dumps(report['fault'])}")
     return "\n".join(lines) + "\n"
 
