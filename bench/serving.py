@@ -6,8 +6,13 @@ workload (a) concurrency 1, 16 requests and (b) concurrency 8, 32 requests, ~128
 64 greedy tokens with EOS ignored. For the first dtype also (4) a soak: 64 concurrent clients for
 2 minutes of mixed traffic (prompts of 16 to 1,500 tokens, 1 to 512 output tokens, a tenth of the
 clients dropping their stream midway) plus bursts of malformed requests, checking for zero 5xx,
-zero hung requests, every complete answer matching its own prompt, the running and waiting gauges
-back at 0, `/ready` 200 and the RSS within 10% of its value after warm-up.
+zero hung requests (no byte for longer than the server's own request deadline), every complete
+answer matching its own prompt, the running and waiting gauges back at 0, `/ready` 200 and the
+RSS within 10% of its value after warm-up. The server's queue is
+sized to what this machine drains within the request deadline (`--soak-queue`, as an operator would
+set `MAX_QUEUE`): 64 clients asking for up to 512 tokens each are several minutes of work on two
+cores, and a request still queued at its deadline is answered 504. Refused requests (429) are
+retried after their Retry-After, as the official `openai` client does, and counted.
 
     .venv/bin/python bench/serving.py --out bench/out/serving
 """
@@ -150,6 +155,9 @@ def gauges_settled(url: str, timeout_s: float = 30.0) -> dict[str, float]:
         time.sleep(0.5)
 
 
+SERVER_DEADLINE_S = 300.0  # the server's REQUEST_TIMEOUT_S default
+
+
 def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> dict:
     pool, seed = 24, 7
     shape = {"prompt_tokens": 16, "prompt_tokens_max": 1500, "output_tokens": 1, "output_tokens_max": 512}
@@ -164,7 +172,8 @@ def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> di
         prompt_pool=pool,
         seed=seed,
         disconnect_share=0.1,
-        timeout_s=180,
+        timeout_s=SERVER_DEADLINE_S + 30,  # a client that waits longer was left hanging by the server
+        retries=100,
         **shape,
     )
 
@@ -183,6 +192,7 @@ def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> di
         "statuses": dict(statuses),
         "disconnected": sum(r.disconnected for r in results),
         "hung": sum(r.hung for r in results),
+        "refused_429": sum(r.refused for r in results),
         "errors": [f"{r.status} {r.error[:120]}" for r in results if not r.ok and not r.disconnected][:10],
         "server_errors": sum(1 for r in results if r.status >= 500)
         + sum(n for k, n in malformed.items() if k.rsplit(": ", 1)[1].startswith("5")),
@@ -203,6 +213,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/serving")
     parser.add_argument("--soak-seconds", type=float, default=120.0)
     parser.add_argument("--soak-clients", type=int, default=64)
+    parser.add_argument("--soak-queue", type=int, default=8, help="the server's MAX_QUEUE (default 8)")
     parser.add_argument("--no-soak", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -223,7 +234,10 @@ def main() -> int:
         log.info("[%s] plain model.generate baseline", dtype)
         run["generate"] = generate_baseline("smollm2-135m", dtype, prompts, 64)
         run["floor_tpot_s"] = run["generate"]["weight_bytes"] / (bandwidth * 1e9)
-        server = Serve(args.out / f"server-{dtype}.log", "--model", "full=smollm2-135m", "--dtype", dtype)
+        server = Serve(
+            args.out / f"server-{dtype}.log",
+            *("--model", "full=smollm2-135m", "--dtype", dtype, "--max-queue", str(args.soak_queue)),
+        )
         try:
             run_bench(LoadConfig(url=server.url, requests=2, output_tokens=8, seed=99))  # warm-up
             for label, concurrency, requests in (("c1", 1, 16), ("c8", 8, 32)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +48,13 @@ def test_closed_loop_reports_each_arm(live: LiveServer, tokenizer) -> None:
             "errors",
             "disconnected",
             "hung",
+            "refused",
             "output_tokens",
             "output_tokens_per_s",
             "samples",
             *TIMES,
         }
-        assert v["disconnected"] == v["hung"] == 0
+        assert v["disconnected"] == v["hung"] == v["refused"] == 0
         assert all(set(v[k]) == STATS for k in TIMES)
         assert len(v["samples"]["e2e_s"]) == v["requests"] and v["output_tokens_per_s"] > 0
         assert v["ttft_s"]["p50"] <= v["e2e_s"]["p50"]
@@ -183,3 +185,34 @@ def test_serve_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> N
 def test_serve_rejects_bad_configuration(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     assert "trimserve: error:" in capsys.readouterr().err
+
+
+def test_429s_are_retried_after_their_retry_after_when_asked() -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    calls: list[float] = []
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions() -> object:
+        calls.append(time.monotonic())
+        if len(calls) % 3:  # two refusals before every answer
+            return JSONResponse({"error": {"message": "busy"}}, status_code=429, headers={"Retry-After": "0.2"})
+        chunks = [{"choices": [{"text": "hi"}]}, {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return StreamingResponse(iter([body]), media_type="text/event-stream")
+
+    server = LiveServer(app, {})
+    try:
+        summary, results = run_bench(LoadConfig(url=server.url, requests=2, output_tokens=1, retries=2))
+        assert [(r.ok, r.refused, r.text) for r in results] == [(True, 2, "hi")] * 2
+        assert summary["variants"]["full"]["refused"] == 4 and summary["variants"]["full"]["errors"] == 0
+        assert all(r.e2e_s >= 0.4 for r in results)  # each waited out two Retry-Afters of 0.2 s
+        calls.clear()
+        _, results = run_bench(LoadConfig(url=server.url, requests=1, output_tokens=1, retries=1))
+        assert (results[0].status, results[0].refused, results[0].ok) == (429, 1, False)  # out of retries
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="retries"):
+        LoadConfig(url=server.url, retries=-1)

@@ -128,6 +128,9 @@ WORDS = (
 )
 
 
+RETRY_AFTER_MAX_S = 30.0
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     url: str
@@ -155,6 +158,9 @@ class LoadConfig:
     rounds: int = 0
     prompts: tuple[str, ...] = ()  # real prompts, cycled (prompt_tokens is then ignored); () makes them up
     chat: bool = False  # send each prompt as one user message to /v1/chat/completions
+    # A 429 is retried this many times after the server's Retry-After (at most RETRY_AFTER_MAX_S),
+    # as the official `openai` client does; 0 records the 429 as the request's answer.
+    retries: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.requests < 1 or self.prompt_tokens < 4 or self.output_tokens < 1:
@@ -173,6 +179,8 @@ class LoadConfig:
             raise ValueError("duration_s must be > 0")
         if not self.models:
             raise ValueError("name at least one model")
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
         if any(not p.strip() for p in self.prompts):
             raise ValueError("a prompt is empty")
 
@@ -193,6 +201,7 @@ class RequestResult:
     text: str = ""
     disconnected: bool = False  # the client dropped the stream on purpose (LoadConfig.disconnect_share)
     hung: bool = False  # no complete answer before the client's timeout
+    refused: int = 0  # 429s answered before this result, each retried after its Retry-After
     events: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -251,6 +260,53 @@ def disconnect_after(config: LoadConfig, index: int) -> int | None:
     return rng.randint(1, 8) if rng.random() < config.disconnect_share else None
 
 
+def retry_after_s(header: str | None) -> float:
+    """Seconds a Retry-After header asks for (its seconds form), bounded to [0.1, RETRY_AFTER_MAX_S]."""
+    try:
+        seconds = float(header) if header else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.1), RETRY_AFTER_MAX_S)
+
+
+async def read_answer(
+    response: httpx.Response,
+    result: RequestResult,
+    config: LoadConfig,
+    pieces: list[str],
+    start: float,
+    drop_after: int | None,
+) -> bool:
+    """Read one streamed answer into `result` and `pieces`; True when it ended with [DONE]."""
+    result.status = response.status_code
+    result.variant = response.headers.get("x-trimserve-variant", result.model)
+    if response.status_code != 200:
+        result.error = (await response.aread()).decode(errors="replace")[:300]
+        return False
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            return True
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = chunk["error"].get("message", "stream error")
+            continue
+        for choice in chunk.get("choices", []):
+            text = choice.get("delta", {}).get("content") if config.chat else choice.get("text")
+            if text:
+                result.ttft_s = result.ttft_s or time.perf_counter() - start
+                pieces.append(text)
+        if chunk.get("usage"):
+            result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+            result.output_tokens = chunk["usage"]["completion_tokens"]
+        if drop_after is not None and len(pieces) >= drop_after:
+            result.disconnected = True
+            return False  # leaving the block closes the connection: the server sees the client go
+    return False
+
+
 async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) -> RequestResult:
     prompt_index = index % config.prompt_pool if config.prompt_pool else index
     model = config.models[index % len(config.models)]
@@ -271,35 +327,17 @@ async def send_one(client: httpx.AsyncClient, config: LoadConfig, index: int) ->
     start = time.perf_counter()
     try:
         path = "/v1/chat/completions" if config.chat else "/v1/completions"
-        async with client.stream("POST", path, json=body) as response:
-            result.status = response.status_code
-            result.variant = response.headers.get("x-trimserve-variant", model)
-            if response.status_code != 200:
-                result.error = (await response.aread()).decode(errors="replace")[:300]
-                return result
-            done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line.removeprefix("data: ")
-                if data == "[DONE]":
-                    done = True
+        while True:
+            async with client.stream("POST", path, json=body) as response:
+                if response.status_code == 429 and result.refused < config.retries:
+                    result.refused += 1
+                    wait_s = retry_after_s(response.headers.get("retry-after"))
+                else:
+                    done = await read_answer(response, result, config, pieces, start, drop_after)
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = chunk["error"].get("message", "stream error")
-                    continue
-                for choice in chunk.get("choices", []):
-                    text = choice.get("delta", {}).get("content") if config.chat else choice.get("text")
-                    if text:
-                        result.ttft_s = result.ttft_s or time.perf_counter() - start
-                        pieces.append(text)
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if drop_after is not None and len(pieces) >= drop_after:
-                    result.disconnected = True
-                    break  # leaving the block closes the connection: the server sees the client go
+            await asyncio.sleep(wait_s)
+        if result.status != 200:
+            return result
         result.e2e_s = time.perf_counter() - start
         result.text = "".join(pieces)
         result.ok = done and not result.error and result.output_tokens > 0
@@ -389,6 +427,7 @@ def summarize(
             "errors": len(mine) - len(good) - dropped,
             "disconnected": dropped,
             "hung": sum(r.hung for r in mine),
+            "refused": sum(r.refused for r in mine),
             "output_tokens": tokens,
             "output_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "ttft_s": _stats(samples["ttft_s"]),

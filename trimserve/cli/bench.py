@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
     bench.add_argument("--api-key")
     bench.add_argument("--timeout", type=float, default=300.0)
+    bench.add_argument(
+        "--retries", type=int, default=0, help="retry a 429 this many times after its Retry-After (default 0)"
+    )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", type=Path, help="write the results JSON here")
     bench.add_argument("--markdown", type=Path, help="write the markdown table here")
@@ -58,6 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         api_key=args.api_key,
         timeout_s=args.timeout,
+        retries=args.retries,
         seed=args.seed,
         rounds=args.rounds,
         prompts=read_prompts(args.prompts) if args.prompts else (),
