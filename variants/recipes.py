@@ -26,6 +26,16 @@ from pruning.sparse.trim import TrimConfig
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 
+# `--method owl` and `--method trim` unless told otherwise: the settings that measured best on the
+# default model at 70% (bench/RESULTS.md, Sparsity): OWL's ratios over SparseGPT's update (285.8;
+# over Wanda's 674.6), and TRIM's rows over ALPS's reconstruction with OWL's ratios and input
+# recalculation (124.9; the same over SparseGPT 231.3). Each can be turned off or changed
+# (`--base`, `--no-owl`, `--no-sequential`).
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {
+    "owl": {"base": "sparsegpt"},
+    "trim": {"base": "alps", "owl": True, "sequential": True},
+}
+
 
 class SparseRecipe(BaseModel):
     """Unstructured or N:M sparsity of every linear in the decoder blocks."""
@@ -52,34 +62,44 @@ class SparseRecipe(BaseModel):
         method: str,
         sparsity: float | None = None,
         pattern: str | None = None,
-        base: str = "wanda",
+        base: str | None = None,
         owl_lambda: float | None = None,
         owl_m: float | None = None,
         owl_nsamples: int | None = None,
         trim_tokens: str = "last",
-        sequential: bool = False,
+        sequential: bool | None = None,
+        owl: bool | None = None,
         alps: dict | None = None,
         admm: dict | None = None,
         **build: object,
     ) -> SparseRecipe:
         """The recipe `trimserve prune sparse` options describe; ValueError on any combination
         that does not exist. `--method owl` is OWL over `base` scores, `trim` TRIM rows over them;
-        `alps` and `admm` set their solvers' settings (field names of AlpsConfig, AdmmConfig)."""
+        `alps` and `admm` set their solvers' settings (field names of AlpsConfig, AdmmConfig).
+        `base`, `sequential` and `owl` left as None take the method's defaults (METHOD_DEFAULTS)."""
         nm = parse_pattern(pattern)
         if nm and sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
             raise ValueError(f"--pattern {pattern} sets sparsity {nm[0] / nm[1]}; drop --sparsity")
         if method == "trim" and nm:
             raise ValueError("--pattern cannot be combined with --method trim (row-varying sparsity is not N:M)")
         amount = nm[0] / nm[1] if nm else (0.5 if sparsity is None else sparsity)
-        use_owl = method == "owl" or any(v is not None for v in (owl_lambda, owl_m, owl_nsamples))
-        owl = OwlConfig(0.08 if owl_lambda is None else owl_lambda, owl_m or 5.0, owl_nsamples) if use_owl else None
+        if base is not None and method not in METHOD_DEFAULTS:
+            raise ValueError(f"--base applies to --method owl and trim, not {method}")
+        defaults = METHOD_DEFAULTS.get(method, {})
+        owl_options = any(v is not None for v in (owl_lambda, owl_m, owl_nsamples))
+        if owl is False and (method == "owl" or owl_options):
+            raise ValueError("--no-owl contradicts --method owl and the --owl-* options")
+        use_owl = method == "owl" or owl_options or (bool(defaults.get("owl")) if owl is None else owl)
+        ratios = OwlConfig(0.08 if owl_lambda is None else owl_lambda, owl_m or 5.0, owl_nsamples) if use_owl else None
         trim = TrimConfig(tokens=trim_tokens) if method == "trim" else None
-        scores = base if method in ("owl", "trim") else method
+        scores = (base or str(defaults["base"])) if method in METHOD_DEFAULTS else method
+        if sequential is None:
+            sequential = bool(defaults.get("sequential", False))
         solvers = {
             "alps": solver_config(AlpsConfig, alps) if scores == "alps" or alps else None,
             "admm": solver_config(AdmmConfig, admm) if scores == "admm" or admm else None,
         }
-        config = SparseConfig(scores, amount, nm, owl, trim, sequential=sequential, **solvers)
+        config = SparseConfig(scores, amount, nm, ratios, trim, sequential=sequential, **solvers)
         return cls(config=config, **build)
 
 

@@ -54,15 +54,28 @@ def register_sparse(prune_sub: argparse._SubParsersAction) -> None:
         "sparse",
         help="unstructured or N:M sparsity (magnitude, Wanda, SparseGPT, ALPS, ADMM, OWL, TRIM)",
         description="Prune every linear of the decoder blocks, one block at a time from calibration data. "
-        "--method owl is OWL+Wanda; trim is TRIM over --base scores (default wanda); --owl-lambda adds OWL "
-        "layer ratios to any unstructured method.",
+        "--method owl is OWL layer ratios over --base scores; trim is TRIM rows over them; --owl-lambda adds "
+        "OWL ratios to any unstructured method. Defaults are the settings that measured best on the default "
+        "model (bench/RESULTS.md, Sparsity): owl uses SparseGPT's update (--base sparsegpt); trim uses ALPS's "
+        "(--base alps) with OWL's ratios and input recalculation (--no-owl, --no-sequential turn them off).",
     )
     p.add_argument("model", help="directory, .gguf, hub id or built-in alias")
     p.add_argument("--method", required=True, choices=SPARSE_CHOICES)
     p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros in [0, 1) (default 0.5, or N/M)")
-    p.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 or 4:8 (magnitude, wanda, sparsegpt)")
-    p.add_argument("--base", choices=SPARSE_METHODS, default="wanda", help="scores for owl/trim (default wanda)")
-    p.add_argument("--owl-lambda", type=float, default=None, help="OWL lambda (method owl: default 0.08)")
+    p.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 or 4:8 (not with owl or trim)")
+    p.add_argument(
+        "--base",
+        choices=SPARSE_METHODS,
+        default=None,
+        help="scores and update for owl/trim (default: sparsegpt for owl, alps for trim)",
+    )
+    p.add_argument(
+        "--owl",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="OWL layer ratios (default: on for owl and trim, off for the others)",
+    )
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL lambda (default 0.08)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier multiple M (default 5)")
     p.add_argument("--owl-nsamples", type=int, default=None, help="windows for OWL's dense pass (default all)")
     p.add_argument("--trim-tokens", choices=("last", "all"), default="last", help="TRIM metric tokens")
@@ -82,8 +95,10 @@ def register_sparse(prune_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--sequential",
-        action="store_true",
-        help="inside a block, recompute inputs after each pruned group of linears (TRIM's input recalculation)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="inside a block, recompute inputs after each pruned group of linears (TRIM's input recalculation; "
+        "default: on for trim, off for the others)",
     )
     calibration_options(p, nsamples=128, seqlen=2048)
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
@@ -106,6 +121,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         args.owl_nsamples,
         args.trim_tokens,
         args.sequential,
+        args.owl,
         alps=key_values(args.alps, "--alps"),
         admm=key_values(args.admm, "--admm"),
         dtype=args.dtype,
