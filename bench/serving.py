@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from service.settings import Settings
 from trimserve.loadgen import LoadConfig, RequestResult, make_prompt, markdown, prompt_of, run_bench
 from variants.load import load_model
 
@@ -155,7 +156,7 @@ def gauges_settled(url: str, timeout_s: float = 30.0) -> dict[str, float]:
         time.sleep(0.5)
 
 
-SERVER_DEADLINE_S = 300.0  # the server's REQUEST_TIMEOUT_S default
+SERVER_DEADLINE_S = Settings.model_fields["request_timeout_s"].default  # REQUEST_TIMEOUT_S, not overridden here
 
 
 def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> dict:
