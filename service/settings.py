@@ -97,7 +97,9 @@ class Settings(BaseSettings):
     shadow_busy: int = Field(4, ge=0)  # a model with more live requests running (or any waiting) drops them
     api_key: SecretStr | None = None
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)  # None: sized from memory (kv_cache_gib)
+    kv_cache_gib: float | None = Field(None, gt=0)  # per in-process model; None: 1/4 of free memory
+    prefill_tokens_per_step: int = Field(256, ge=1)
     max_queue: int = Field(64, ge=0)
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens: int = Field(1024, ge=1)
@@ -125,6 +127,8 @@ class Settings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             max_batch_size=self.max_batch_size,
+            kv_cache_bytes=None if self.kv_cache_gib is None else int(self.kv_cache_gib * 2**30),
+            prefill_tokens_per_step=self.prefill_tokens_per_step,
             max_queue=self.max_queue,
             max_prompt_tokens=self.max_prompt_tokens,
             max_tokens=self.max_tokens,

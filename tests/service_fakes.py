@@ -76,7 +76,7 @@ class FakeEngine:
         if not prompt_ids or len(prompt_ids) > self.config.max_prompt_tokens:
             raise InvalidRequest("bad prompt length", "prompt")
         check_sampling(params, self.config.max_tokens)  # the engine's own check, as LLMEngine does
-        if len(self.active) >= self.config.max_batch_size + self.config.max_queue:
+        if len(self.active) >= (self.config.max_batch_size or 8) + self.config.max_queue:  # None: 8, as sized here
             raise Overloaded("queue full", retry_after=2.0)
         self.seen.append((list(prompt_ids), params))
         self.active.add(request_id)

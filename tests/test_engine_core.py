@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from service.backend import (
     GenerationError,
@@ -263,13 +265,13 @@ def test_a_failing_step_ends_its_requests_not_the_engine(model) -> None:
     async def main():
         engine = make_engine(model)
         await engine.start()
-        prefill = engine.runner.prefill
+        step = engine.runner.step
 
-        def broken(slot: int, ids: list[int]):
-            engine.runner.prefill = prefill  # fails once
+        def broken(*args, **kwargs):
+            engine.runner.step = step  # fails once
             raise RuntimeError("boom")
 
-        engine.runner.prefill = broken
+        engine.runner.step = broken
         with pytest.raises(GenerationError, match="boom"):
             await collect(engine, prompt, GREEDY, "first")
         after = await collect(engine, prompt, GREEDY, "second")
@@ -295,8 +297,7 @@ def test_engines_on_one_device_share_one_compute_thread(model) -> None:
     async def main():
         engines = [make_engine(model, max_batch_size=2) for _ in range(2)]
         for engine in engines:
-            engine.runner.prefill = recording(engine.runner.prefill)
-            engine.runner.decode = recording(engine.runner.decode)
+            engine.runner.step = recording(engine.runner.step)
             await engine.start()
         batch = prompts((5, 8), seed=11)
         await asyncio.gather(*(collect(e, p, GREEDY, "r") for e, p in zip(engines, batch, strict=True)))
@@ -344,17 +345,15 @@ class FaultyRunner:
         self.runner, self.poison, self.nan = runner, poison, nan
         self.max_slots, self.max_seq = runner.max_slots, runner.max_seq
 
-    def prefill(self, slot, ids):
-        return self.runner.prefill(slot, ids)
-
     def move(self, src, dst, length):
         self.runner.move(src, dst, length)
 
-    def decode(self, tokens, positions, first=0):
+    def step(self, tokens, positions, chunks=(), first=0):
         if self.poison in tokens.tolist():
             raise RuntimeError("poisoned token")
-        logits = self.runner.decode(tokens, positions, first)
-        return logits.masked_fill((tokens == self.nan).unsqueeze(1), float("nan"))
+        logits = self.runner.step(tokens, positions, chunks, first)
+        nan = torch.cat([tokens == self.nan, torch.zeros(len(chunks), dtype=torch.bool)])
+        return logits.masked_fill(nan.unsqueeze(1), float("nan"))
 
 
 def test_one_failing_request_leaves_its_batch_mates_untouched(model) -> None:
@@ -432,3 +431,77 @@ def test_invalid_requests_name_the_field(model, prompt, params, param) -> None:
         return raised.value
 
     assert run(main()).param == param
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(model) -> None:
+    """A prompt over the step's token budget no longer stalls the running requests (issue 19)."""
+    short, long = prompts((5, 40), seed=30)
+    arrivals: list[str] = []
+
+    async def consume(engine, prompt, params, rid):
+        events = []
+        async for event in engine.generate(prompt, params, rid):
+            arrivals.append(rid)
+            events.append(event)
+        return events
+
+    async def main():
+        engine = make_engine(model, max_batch_size=4, prefill_tokens_per_step=8)
+        await engine.start()
+        running = asyncio.create_task(
+            consume(engine, short, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), "short")
+        )
+        while not arrivals:
+            await asyncio.sleep(0.001)
+        got_long = await consume(engine, long, GREEDY, "long")
+        got_short = await running
+        await engine.shutdown(1.0)
+        return got_short, got_long
+
+    got_short, got_long = run(main())
+    assert [e.token_id for e in got_short] == reference(model, short, 30)
+    assert [e.token_id for e in got_long] == reference(model, long, 10)
+    # 40 prompt tokens at 8 a step: the short request decoded through the 5 steps before "long" began
+    assert arrivals.index("long") >= 5
+
+
+def test_a_request_part_way_through_its_prompt_survives_compaction_and_abort(model) -> None:
+    """The request being prefilled in chunks moves to the first free slot when a decoding one leaves."""
+    quick, long, other = prompts((4, 33, 7), seed=31)
+
+    async def main():
+        engine = make_engine(model, max_batch_size=3, prefill_tokens_per_step=6)
+        await engine.start()
+        results = await asyncio.gather(
+            collect(engine, quick, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "quick"),
+            collect(engine, long, GREEDY, "long"),
+        )
+        aborted = engine.generate(long, GREEDY, "aborted")
+        task = asyncio.create_task(anext(aborted))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await aclose_quietly(aborted)
+        again = await collect(engine, other, GREEDY, "other")
+        await engine.shutdown(1.0)
+        return results, again, engine
+
+    (quick_events, long_events), again, engine = run(main())
+    assert [e.token_id for e in quick_events] == reference(model, quick, 2)
+    assert [e.token_id for e in long_events] == reference(model, long, 10)
+    # a random tiny model barely looks back, so its tokens alone would not notice a lost prefix
+    assert [e.logprob for e in long_events] == pytest.approx(reference_logprobs(model, long, 10), abs=1e-4)
+    assert [e.token_id for e in again] == reference(model, other, 10)
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def reference_logprobs(model, prompt: list[int], n: int) -> list[float]:
+    """Each greedy token's log-probability, from one forward over the prompt and `generate`'s answer."""
+    answer = reference(model, prompt, n)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(answer).unsqueeze(1))[:, 0].tolist()
+
+
+async def aclose_quietly(iterator) -> None:
+    with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+        await iterator.aclose()

@@ -7,10 +7,10 @@ import torch
 
 from service.backend import SamplingParams
 from service.engine.engine import make_runner
-from service.engine.llama import LlamaRunner, can_pack, unsupported_reason
-from service.engine.runner import HFRunner
+from service.engine.llama import SLOT_STEP, LlamaRunner, can_pack, decode_runs, unsupported_reason
+from service.engine.runner import MAX_AUTO_SLOTS, Chunk, HFRunner, kv_bytes_per_position, slots_for_memory
 from service.engine.sampling import make_generator, sample_one, top_p_filter
-from tests.tiny_models import tiny_llama, tiny_opt
+from tests.tiny_models import TINY_VOCAB, tiny_llama, tiny_opt
 
 
 def reference(model, prompt: list[int], n: int) -> list[int]:
@@ -152,3 +152,76 @@ def test_packed_fp32_weights_are_close() -> None:
     packed, plain = LlamaRunner(model, 2, 64, pack=True), LlamaRunner(model, 2, 64, pack=False)
     ids = prompts((9,), seed=10)[0]
     assert torch.allclose(packed.prefill(0, ids), plain.prefill(0, ids), atol=1e-4)
+
+
+def test_a_prompt_in_chunks_equals_the_whole_prompt() -> None:
+    model = tiny_llama()
+    runner = LlamaRunner(model, 2, 128)
+    prompt = prompts((30,), seed=20)[0]
+    whole = runner.prefill(0, prompt)
+    none = torch.empty(0, dtype=torch.long)
+    for start in range(0, 30, 7):
+        last = runner.step(none, none, [Chunk(1, prompt[start : start + 7], start)])[0]
+    assert torch.allclose(last, whole, atol=1e-5)
+    first = int(last.argmax())
+    logits = runner.decode(torch.tensor([first]), torch.tensor([30]), first=1)
+    assert [first, int(logits[0].argmax())] == reference(model, prompt, 2)
+
+
+def test_one_step_decodes_and_prefills_together(tiny_model) -> None:
+    """Decode rows and prompt chunks of other slots in one forward give each request its own tokens."""
+    runner = make_runner(tiny_model, 4, 128)
+    a, b, c = prompts((9, 14, 21), seed=21)
+    expected = [reference(tiny_model, p, 6) for p in (a, b, c)]
+    outs = [[int(runner.prefill(0, a).argmax())]]
+    # slot 0 decodes while b arrives whole and c's first half; then c's second half
+    logits = runner.step(torch.tensor([outs[0][-1]]), torch.tensor([9]), [Chunk(1, b), Chunk(2, c[:10])])
+    assert logits.shape[0] == 3
+    outs[0].append(int(logits[0].argmax()))
+    outs.append([int(logits[1].argmax())])
+    logits = runner.step(torch.tensor([outs[0][-1], outs[1][-1]]), torch.tensor([10, 14]), [Chunk(2, c[10:], 10)])
+    outs[0].append(int(logits[0].argmax()))
+    outs[1].append(int(logits[1].argmax()))
+    outs.append([int(logits[2].argmax())])
+    while any(len(o) < 6 for o in outs):
+        tokens = torch.tensor([o[-1] for o in outs])
+        positions = torch.tensor([len(p) + len(o) - 1 for p, o in zip((a, b, c), outs, strict=True)])
+        for o, t in zip(outs, runner.decode(tokens, positions).argmax(-1).tolist(), strict=True):
+            o.append(t)
+    assert [o[:6] for o in outs] == expected
+
+
+def test_decode_runs_split_off_a_long_request_only_when_it_pays() -> None:
+    assert decode_runs([]) == []
+    assert decode_runs([100, 120, 90]) == [(0, 3, 128)]  # one bucket: one run
+    # one 1,000-position request among short ones: reading 1,024 positions for every row costs more
+    assert decode_runs([100, 1000, 90, 110]) == [(0, 1, 128), (1, 2, 1024), (2, 4, 128)]
+    assert decode_runs([100, 200]) == [(0, 2, 256)]  # saving 128 positions is not worth a run
+
+
+def test_the_cache_grows_its_slots_with_use() -> None:
+    runner = LlamaRunner(tiny_llama(), 20, 64)
+    assert runner.slots == SLOT_STEP and runner.k_cache[0].shape[0] == SLOT_STEP
+    ids = prompts((5,), seed=22)[0]
+    before = runner.prefill(3, ids)
+    runner.prefill(12, ids)
+    assert runner.slots == 16
+    assert torch.equal(
+        runner.decode(torch.tensor([7]), torch.tensor([5]), first=3),
+        runner.decode(torch.tensor([7]), torch.tensor([5]), first=12),
+    )
+    assert before.shape == (TINY_VOCAB,)
+    runner.prefill(19, ids)
+    assert runner.slots == 20
+    with pytest.raises(ValueError, match="beyond the 20 slots"):
+        runner.prefill(20, ids)
+
+
+def test_slots_are_sized_from_the_memory_budget() -> None:
+    model = tiny_llama()  # 4 layers x 2 KV heads x 16 dims x 2 (keys, values) x 4 bytes = 1 KiB per position
+    assert kv_bytes_per_position(model) == 1024
+    assert slots_for_memory(model, 256, budget=10 * 256 * 1024) == 10
+    assert slots_for_memory(model, 256, budget=1) == 1  # always at least one
+    assert slots_for_memory(model, 256, budget=1 << 40) == MAX_AUTO_SLOTS
+    assert slots_for_memory(model, 10_000, budget=512 * 1024) == 1  # capped at the model's 512 positions
+    assert slots_for_memory(model, 256) >= 1  # from this machine's free memory

@@ -1,9 +1,12 @@
 """LLMEngine: continuous batching for one model on a dedicated worker thread.
 
-Requests wait in a bounded FIFO queue. Between decode steps the worker admits waiting requests
-into free KV-cache slots (one prefill each, first token sampled from it), then runs one decode
-step for every running request together. Running requests occupy slots 0..B-1: when one leaves,
-the last one moves into its slot, so each decode step works on a prefix of the cache.
+Requests wait in a bounded FIFO queue. Each step of the worker is one forward: a token for every
+decoding request plus up to `prefill_tokens_per_step` prompt tokens of new requests, admitted into
+free KV-cache slots in arrival order. A prompt longer than that budget is prefilled over several
+steps (chunks) while the others keep decoding, so a long prompt never stalls the batch. Decoding
+requests occupy slots 0..B-1, followed by the ones being prefilled (at most one of them part-way):
+when one leaves, the last decoding one moves into its slot, so each step decodes a prefix of the
+cache. The slot count comes from memory (`slots_for_memory`) unless it is set.
 
 Threading: the worker thread schedules; the model work of each step runs on the device's compute
 thread (`service.engine.compute`), shared by every engine on that device. Tokens reach the asyncio
@@ -41,17 +44,13 @@ from service.backend import (
 )
 from service.engine.compute import run_async, run_sync
 from service.engine.llama import LlamaRunner, unsupported_reason
-from service.engine.runner import HFRunner, Runner
+from service.engine.runner import Chunk, HFRunner, Runner, slots_for_memory
 from service.engine.sampling import make_generator, sample_one
 from service.engine.types import EngineConfig, TokenEvent
 
 log = logging.getLogger(__name__)
 
 _END = object()  # queued for an aborted request: its iterator ends without a finish reason
-
-# Prompt tokens prefilled per step (at least one request): bounds how long a burst of arrivals
-# stalls the requests already decoding.
-PREFILL_TOKENS_PER_STEP = 256
 
 
 @dataclass(eq=False)
@@ -65,12 +64,18 @@ class _Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the cache
     aborted: bool = False  # set from the event loop; the worker frees the slot at its next step
     done: bool = False  # the worker sent the last event (or error)
 
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the whole prompt is in the cache (the request decodes)."""
+        return self.prefilled == len(self.prompt)
 
 
 def make_runner(model: PreTrainedModel, max_slots: int, max_seq: int, fast: bool = True) -> Runner:
@@ -108,14 +113,14 @@ class LLMEngine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.eos_token_ids = eos_ids(model, tokenizer)
         self.device = model.device
-        self.runner = run_sync(
-            self.device, lambda: make_runner(model, config.max_batch_size, config.max_prompt_tokens + config.max_tokens)
-        )
+        max_seq = config.max_prompt_tokens + config.max_tokens
+        slots = config.max_batch_size or slots_for_memory(model, max_seq, config.kv_cache_bytes)
+        self.runner = run_sync(self.device, lambda: make_runner(model, slots, max_seq))
+        log.info("engine %s: %d batch slots of %d positions", name, self.runner.max_slots, self.runner.max_seq)
         self.observer = observer
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()  # guarded by _cond
-        self._running: list[_Request] = []  # worker thread only; index = cache slot
-        self._admitted: list[_Request] = []  # worker thread only; popped from the queue this step
+        self._running: list[_Request] = []  # worker thread only; index = cache slot; ready ones first
         self._active: dict[str, _Request] = {}  # event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -264,13 +269,16 @@ class LLMEngine:
     # ----- worker thread ---------------------------------------------------------------------
 
     def _warm_up(self) -> None:
-        """Run prefill and decode (batch 1 and 2) once, so first requests meet warm kernels."""
+        """Run prefills, decodes (batch 1 and 2) and a mixed step once, so first requests meet warm kernels."""
         ids = [t % self.vocab_size for t in range(1, 9)]
-        for batch in sorted({1, min(2, self.runner.max_slots)}):
-            for slot in range(batch):
-                self.runner.prefill(slot, ids)
+        none = torch.empty(0, dtype=torch.long)
+        batch = min(2, self.runner.max_slots)
+        self.runner.step(none, none, [Chunk(slot, ids) for slot in range(batch)])
+        for size in sorted({1, batch}):
             for _ in range(2):
-                self.runner.decode(torch.ones(batch, dtype=torch.long), torch.full((batch,), len(ids)))
+                self.runner.step(torch.ones(size, dtype=torch.long), torch.full((size,), len(ids)))
+        if batch == 2:
+            self.runner.step(torch.ones(1, dtype=torch.long), torch.full((1,), len(ids) + 2), [Chunk(1, ids)])
 
     def _worker(self) -> None:
         try:
@@ -285,9 +293,8 @@ class LLMEngine:
                     run_sync(self.device, self._step)
                 except Exception as err:  # a failure no single request caused: end the batch, not the engine
                     log.exception("engine %s: step failed", self.name)
-                    self._fail_all(self._running + self._admitted, GenerationError(f"generation failed: {err}"))
+                    self._fail_all(self._running, GenerationError(f"generation failed: {err}"))
                     self._running.clear()
-                    self._admitted = []
                     self._update_gauges()
                 self.step_seconds = time.perf_counter() - started
         except BaseException as err:
@@ -340,44 +347,80 @@ class LLMEngine:
                 req.done = True
                 events.append((req, RequestTimeout(f"request {req.request_id} ran past its deadline")))
         self._compact()
-        self._admitted = self._admit(now, events)
-        for req in self._admitted:
+        decoding = [req for req in self._running if req.ready]
+        prefills = self._plan_prefills(now, events)
+        if decoding or prefills:
+            self._run(decoding, prefills, events)
+        self._compact()
+
+    def _plan_prefills(self, now: float, events: list[tuple[_Request, object]]) -> list[tuple[_Request, Chunk]]:
+        """This step's prompt chunks: the request part-way through its prompt first, then new ones.
+
+        Up to `prefill_tokens_per_step` tokens in all; only the last chunk can stop short of its
+        prompt's end, so at most one request is ever part-way (and it is the last in `_running`).
+        """
+        budget = self.config.prefill_tokens_per_step
+        planned: list[tuple[_Request, Chunk]] = []
+
+        def plan(req: _Request) -> int:
+            ids = req.prompt[req.prefilled : req.prefilled + budget]
+            planned.append((req, Chunk(self._running.index(req), ids, req.prefilled)))
+            return len(ids)
+
+        if self._running and not self._running[-1].ready:
+            budget -= plan(self._running[-1])
+        for req in self._admit(now, budget, events):
+            self._running.append(req)
             if self.observer is not None:
                 self.observer.queue_wait(now - req.arrival)
-            try:
-                logits = self.runner.prefill(len(self._running), req.prompt).unsqueeze(0)
-            except Exception as err:
-                self._fail(req, err, events)
-                continue
-            self._running.append(req)
-            self._choose([req], logits, events)
-            self._deliver(events)  # the first token leaves now, not after the other prefills
-            events.clear()
-        self._admitted = []
-        self._compact()
-        if self._running:
-            self._decode(self._running, events)
-            self._compact()
+            budget -= plan(req)
+        return planned
 
-    def _decode(self, batch: list[_Request], events: list[tuple[_Request, object]]) -> None:
-        """One token for each request in slots 0..B-1; if the batched step fails, each request alone."""
-        tokens = torch.tensor([r.output[-1] for r in batch], dtype=torch.long)
-        positions = torch.tensor([r.length - 1 for r in batch], dtype=torch.long)
+    def _run(
+        self, decoding: list[_Request], prefills: list[tuple[_Request, Chunk]], events: list[tuple[_Request, object]]
+    ) -> None:
+        """One forward for the decoding requests (slots 0..B-1) and the prompt chunks.
+
+        If it fails, each part runs alone so that only the request that fails is ended (every part
+        rewrites the same cache positions, so running one again is safe).
+        """
+        tokens = torch.tensor([r.output[-1] for r in decoding], dtype=torch.long)
+        positions = torch.tensor([r.length - 1 for r in decoding], dtype=torch.long)
         try:
-            self._choose(batch, self.runner.decode(tokens, positions), events)
-            return
+            logits = self.runner.step(tokens, positions, [chunk for _, chunk in prefills])
         except Exception as err:
-            if len(batch) == 1:
-                self._fail(batch[0], err, events)
+            if len(decoding) + len(prefills) == 1:
+                self._fail((decoding or [prefills[0][0]])[0], err, events)
                 return
-            log.warning("engine %s: batched decode failed (%s); decoding each request alone", self.name, err)
-        for i, req in enumerate(batch):  # rewrites the same cache positions, so a retry is safe
+            log.warning("engine %s: batched step failed (%s); running each request alone", self.name, err)
+        else:
+            self._choose(decoding, logits[: len(decoding)], events)
+            for (req, chunk), row in zip(prefills, logits[len(decoding) :], strict=True):
+                self._prefilled(req, chunk, row, events)
+            return
+        none = torch.empty(0, dtype=torch.long)
+        for req, chunk in prefills:
             try:
-                logits = self.runner.decode(tokens[i : i + 1], positions[i : i + 1], first=i)
+                row = self.runner.step(none, none, [chunk])[0]
+            except Exception as err:
+                self._fail(req, err, events)
+                continue
+            self._prefilled(req, chunk, row, events)
+        for i, req in enumerate(decoding):
+            try:
+                logits = self.runner.step(tokens[i : i + 1], positions[i : i + 1], first=i)
             except Exception as err:
                 self._fail(req, err, events)
                 continue
             self._choose([req], logits, events)
+
+    def _prefilled(
+        self, req: _Request, chunk: Chunk, logits: torch.Tensor, events: list[tuple[_Request, object]]
+    ) -> None:
+        """A chunk of the request's prompt is in the cache; after the last one, its first token."""
+        req.prefilled = chunk.end
+        if req.ready:
+            self._choose([req], logits.unsqueeze(0), events)
 
     def _choose(self, batch: list[_Request], logits: torch.Tensor, events: list[tuple[_Request, object]]) -> None:
         """Sample each request's next token from its row of logits (B, vocab) and emit it."""
@@ -403,14 +446,11 @@ class LLMEngine:
             error = err if isinstance(err, GenerationError) else GenerationError(f"generation failed: {err}")
             events.append((req, error))
 
-    def _admit(self, now: float, events: list[tuple[_Request, object]]) -> list[_Request]:
-        """Pop waiting requests into free slots; drop aborted and expired ones on the way."""
+    def _admit(self, now: float, budget: int, events: list[tuple[_Request, object]]) -> list[_Request]:
+        """Pop waiting requests into free slots while prompt budget lasts; drop aborted and expired ones."""
         admitted: list[_Request] = []
-        budget = PREFILL_TOKENS_PER_STEP
         with self._cond:
-            while self._waiting and len(self._running) + len(admitted) < self.runner.max_slots:
-                if admitted and len(self._waiting[0].prompt) > budget:
-                    break  # running requests get a decode step before more prefills
+            while self._waiting and budget > 0 and len(self._running) + len(admitted) < self.runner.max_slots:
                 req = self._waiting.popleft()
                 if req.aborted:
                     req.done = True
@@ -436,7 +476,10 @@ class LLMEngine:
         events.append((req, replace(event, finish_reason=reason)))
 
     def _compact(self) -> None:
-        """Remove finished and aborted requests, moving the last running request into each hole."""
+        """Remove finished and aborted requests: the last decoding request moves into each hole, and
+        the one part-way through its prompt (if any) to the slot after the decoding ones."""
+        partial = self._running.pop() if self._running and not self._running[-1].ready else None
+        held = len(self._running)  # the partial request's slot
         i = 0
         while i < len(self._running):
             if not (self._running[i].done or self._running[i].aborted):
@@ -448,6 +491,10 @@ class LLMEngine:
                 self.runner.move(last, i, moved.length - 1)
                 self._running[i] = moved
             self._running.pop()
+        if partial is not None and not (partial.done or partial.aborted):
+            if held != len(self._running):
+                self.runner.move(held, len(self._running), partial.prefilled)
+            self._running.append(partial)
 
 
 def _put_all(events: list[tuple[_Request, object]]) -> None:

@@ -17,7 +17,7 @@ format knows which, `variants.noop.noop_layers`) runs only its MLP and keeps no 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,12 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from service.engine.runner import max_positions
+from service.engine.runner import Chunk, StepShortcuts, max_positions
 from variants.noop import noop_layers
 
 FAST_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 CAPACITY_STEP = 256  # the cache grows in multiples of this many positions
+SLOT_STEP = 8  # and in multiples of this many slots
 ATTENTION_BUCKET = 64  # decode attends over the used positions rounded up to this
+# What one more attention call per layer costs, in cache positions read by one row: a run of
+# decode rows is split off only when that saves more padding than this.
+RUN_COST = 256
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,40 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def decode_runs(lengths: list[int], bucket: int = ATTENTION_BUCKET, cost: int = RUN_COST) -> list[tuple[int, int, int]]:
+    """Split decode rows 0..B-1 (row b attends over lengths[b] positions) into runs of consecutive
+    rows (start, stop, L), each attending over its longest length rounded up to `bucket`.
+
+    Minimises the positions read (rows x L summed over runs) plus `cost` per run, so one long
+    request no longer makes every short one in the batch pay for its length. O(B^2), once per step.
+    """
+    padded = [-(-n // bucket) * bucket for n in lengths]
+    best = [0] + [float("inf")] * len(lengths)
+    cut = [0] * (len(lengths) + 1)
+    for stop in range(1, len(lengths) + 1):
+        longest = 0
+        for start in range(stop - 1, -1, -1):
+            longest = max(longest, padded[start])
+            total = best[start] + (stop - start) * longest + cost
+            if total < best[stop]:
+                best[stop], cut[stop] = total, start
+    runs, stop = [], len(lengths)
+    while stop:
+        start = cut[stop]
+        runs.append((start, stop, max(padded[start:stop])))
+        stop = start
+    return runs[::-1]
+
+
+@dataclass(frozen=True)
+class _DecodeRun:
+    start: int  # rows start..stop-1 of the decode batch
+    stop: int
+    slots: slice  # their cache slots
+    positions: torch.Tensor  # (rows,) where each writes its new key and value
+    bias: torch.Tensor  # (rows, 1, 1, L) fp32: 0 where a row attends, -inf elsewhere
+
+
 def _packed(layer: _Layer) -> _Layer:
     def pack(linear: _Linear | None) -> _Linear | None:
         return linear.pack() if linear is not None else None
@@ -165,8 +203,8 @@ def _packed(layer: _Layer) -> _Layer:
     return replace(layer, qkv=pack(layer.qkv), o=pack(layer.o), gate_up=layer.gate_up.pack(), down=layer.down.pack())
 
 
-class LlamaRunner:
-    """Prefill and batched decode for a Llama-family model over `max_slots` cache slots."""
+class LlamaRunner(StepShortcuts):
+    """Batched decode and chunked prefill for a Llama-family model over `max_slots` cache slots."""
 
     def __init__(self, model: PreTrainedModel, max_slots: int, max_seq: int, pack: bool | None = None) -> None:
         reason = unsupported_reason(model)
@@ -200,20 +238,24 @@ class LlamaRunner:
             self.layers = [_packed(layer) for layer in self.layers]
             self.lm_head = self.lm_head.pack()
         self.capacity = 0
+        self.slots = 0  # slots the cache holds now (it grows to max_slots as load needs them)
         self.k_cache: list[torch.Tensor | None] = []
         self.v_cache: list[torch.Tensor | None] = []
-        self._grow(min(CAPACITY_STEP, self.max_seq))
+        self._grow(min(CAPACITY_STEP, self.max_seq), 1)
         self.slot_ids = torch.arange(max_slots, device=self.device)
         self.positions = torch.arange(self.max_seq, device=self.device)
 
-    def _grow(self, needed: int) -> None:
-        """Make the cache hold at least `needed` positions per slot (copying what it holds)."""
-        if needed <= self.capacity:
+    def _grow(self, positions: int, slots: int) -> None:
+        """Make the cache hold at least `positions` positions in `slots` slots (copying what it holds)."""
+        if positions <= self.capacity and slots <= self.slots:
             return
-        if needed > self.max_seq:
-            raise ValueError(f"{needed} positions exceed the cache limit of {self.max_seq}")
-        capacity = min(self.max_seq, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
-        shape = (self.max_slots, self.n_kv_heads, capacity, self.head_dim)
+        if positions > self.max_seq:
+            raise ValueError(f"{positions} positions exceed the cache limit of {self.max_seq}")
+        if slots > self.max_slots:
+            raise ValueError(f"slot {slots - 1} is beyond the {self.max_slots} slots")
+        capacity = max(self.capacity, min(self.max_seq, -(-positions // CAPACITY_STEP) * CAPACITY_STEP))
+        held = max(self.slots, min(self.max_slots, -(-slots // SLOT_STEP) * SLOT_STEP))
+        shape = (held, self.n_kv_heads, capacity, self.head_dim)
         k_cache, v_cache = [], []
         for i, layer in enumerate(self.layers):
             if layer.qkv is None:
@@ -223,11 +265,11 @@ class LlamaRunner:
             k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             if self.capacity:
-                k[:, :, : self.capacity] = self.k_cache[i]
-                v[:, :, : self.capacity] = self.v_cache[i]
+                k[: self.slots, :, : self.capacity] = self.k_cache[i]
+                v[: self.slots, :, : self.capacity] = self.v_cache[i]
             k_cache.append(k)
             v_cache.append(v)
-        self.k_cache, self.v_cache, self.capacity = k_cache, v_cache, capacity
+        self.k_cache, self.v_cache, self.capacity, self.slots = k_cache, v_cache, capacity, held
 
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -241,65 +283,95 @@ class LlamaRunner:
         return x + layer.down(layer.act(gate) * up)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        T = len(ids)
-        self._grow(T)
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        x = F.embedding(tokens, self.embed)  # (1, T, hidden)
-        cos, sin = self.rotary(x, self.positions[:T].unsqueeze(0))
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, chunks: Sequence[Chunk] = (), first: int = 0
+    ) -> torch.Tensor:
+        B = tokens.shape[0]
+        self._grow(
+            max([int(positions.max()) + 1 if B else 0, *(c.end for c in chunks)]),
+            max([first + B, *(c.slot + 1 for c in chunks)]),
+        )
+        # One sequence of N tokens: the B decode tokens, then every chunk's prompt tokens. The linear
+        # layers see all N at once (each weight is read once per step); attention is per part.
+        ids = torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=self.device)
+        at = torch.cat([positions.to(self.device), *(self.positions[c.start : c.end] for c in chunks)])
+        x = F.embedding(torch.cat([tokens.to(self.device), ids]), self.embed).unsqueeze(0)  # (1, N, hidden)
+        cos, sin = self.rotary(x, at.unsqueeze(0))
+        runs = [self._decode_run(first, positions, i, j, L) for i, j, L in decode_runs((positions + 1).tolist())]
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             if layer.qkv is not None:
-                q, k, v = self._qkv(layer, x, cos, sin)
-                k_cache[slot, :, :T] = k[0]
-                v_cache[slot, :, :T] = v[0]
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, enable_gqa=True)
-                x = x + layer.o(a.transpose(1, 2).reshape(1, T, -1))
+                q, k, v = self._qkv(layer, x, cos, sin)  # (1, heads, N, head_dim)
+                parts = [self._decode_attention(q[0, :, :B], k[0, :, :B], v[0, :, :B], runs, k_cache, v_cache)]
+                offset = B
+                for c in chunks:
+                    n = len(c.ids)
+                    part = slice(offset, offset + n)
+                    parts.append(
+                        self._chunk_attention(c, q[:, :, part], k[:, :, part], v[:, :, part], k_cache, v_cache)
+                    )
+                    offset += n
+                x = x + layer.o(torch.cat(parts).unsqueeze(0))
             x = self._mlp(layer, x)
-        return self.lm_head(self.norm(x[:, -1]))[0]
+        last = list(range(B)) + [B + sum(len(c.ids) for c in chunks[: i + 1]) - 1 for i in range(len(chunks))]
+        return self.lm_head(self.norm(x[0, last]))
 
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
-        B = tokens.shape[0]
-        longest = int(positions.max()) + 1
-        self._grow(longest)
-        L = min(self.capacity, -(-longest // ATTENTION_BUCKET) * ATTENTION_BUCKET)
-        x = F.embedding(tokens.view(B, 1), self.embed)  # (B, 1, hidden)
-        cos, sin = self.rotary(x, positions.view(B, 1))
-        visible = self.positions[:L].unsqueeze(0) <= positions.unsqueeze(1)  # (B, L)
-        bias = torch.zeros(B, 1, 1, L, dtype=torch.float32, device=self.device)
-        bias.masked_fill_(~visible.view(B, 1, 1, L), float("-inf"))
-        rows = slice(first, first + B)
-        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            x = self._decode_layer(layer, x, cos, sin, bias, rows, positions, k_cache, v_cache)
-        return self.lm_head(self.norm(x[:, -1]))
+    def _decode_run(self, first: int, positions: torch.Tensor, i: int, j: int, L: int) -> _DecodeRun:
+        """Rows i..j-1 of the decode batch, attending over L cache positions (a -inf bias beyond each row's own)."""
+        L = min(L, self.capacity)
+        at = positions[i:j].to(self.device)
+        visible = self.positions[:L].unsqueeze(0) <= at.unsqueeze(1)  # (rows, L)
+        bias = torch.zeros(j - i, 1, 1, L, dtype=torch.float32, device=self.device)
+        bias.masked_fill_(~visible.view(j - i, 1, 1, L), float("-inf"))
+        return _DecodeRun(i, j, slice(first + i, first + j), at, bias)
 
-    def _decode_layer(
+    def _decode_attention(
         self,
-        layer: _Layer,
-        x: torch.Tensor,  # (B, 1, hidden)
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        bias: torch.Tensor,  # (B, 1, 1, L) fp32: 0 where a slot attends, -inf elsewhere
-        rows: slice,  # the B consecutive slots first..first+B-1
-        positions: torch.Tensor,  # (B,) where each slot writes its new key and value
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
+        q: torch.Tensor,  # (heads, B, head_dim)
+        k: torch.Tensor,  # (kv_heads, B, head_dim)
+        v: torch.Tensor,
+        runs: list[_DecodeRun],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        if layer.qkv is not None:
-            B, L = x.shape[0], bias.shape[-1]
-            nkv, group = self.n_kv_heads, self.n_heads // self.n_kv_heads
-            q, k, v = self._qkv(layer, x, cos, sin)
-            slots = self.slot_ids[rows]
-            k_cache[slots, :, positions] = k[:, :, 0].to(self.cache_dtype)
-            v_cache[slots, :, positions] = v[:, :, 0].to(self.cache_dtype)
-            # Attention of one query per slot, written out: at this size it is several times cheaper
-            # than the SDPA kernel. Query heads are grouped by the KV head they share (as repeat_kv).
-            q = q.reshape(B, nkv, group, self.head_dim).to(self.cache_dtype)
-            scores = torch.matmul(q, k_cache[rows, :, :L].transpose(-1, -2))  # (B, nkv, group, L)
-            probs = torch.add(bias, scores, alpha=self.scale).softmax(-1).to(self.cache_dtype)
-            a = torch.matmul(probs, v_cache[rows, :, :L])  # (B, nkv, group, hd)
-            x = x + layer.o(a.reshape(B, 1, -1).to(x.dtype))
-        return self._mlp(layer, x)
+        """One query per slot over its cached positions; (B, heads * head_dim) in the model's dtype."""
+        nkv, group, B = self.n_kv_heads, self.n_heads // self.n_kv_heads, q.shape[1]
+        out = []
+        for run in runs:
+            rows = slice(run.start, run.stop)
+            slots = self.slot_ids[run.slots]
+            k_cache[slots, :, run.positions] = k[:, rows].transpose(0, 1).to(self.cache_dtype)
+            v_cache[slots, :, run.positions] = v[:, rows].transpose(0, 1).to(self.cache_dtype)
+            # Written out: at this size several times cheaper than the SDPA kernel. Query heads are
+            # grouped by the KV head they share (as repeat_kv).
+            L = run.bias.shape[-1]
+            qr = q[:, rows].transpose(0, 1).reshape(-1, nkv, group, self.head_dim).to(self.cache_dtype)
+            scores = torch.matmul(qr, k_cache[run.slots, :, :L].transpose(-1, -2))  # (rows, nkv, group, L)
+            probs = torch.add(run.bias, scores, alpha=self.scale).softmax(-1).to(self.cache_dtype)
+            out.append(torch.matmul(probs, v_cache[run.slots, :, :L]).reshape(-1, self.n_heads * self.head_dim))
+        return torch.cat(out).to(q.dtype) if out else q.new_empty(B, self.n_heads * self.head_dim)
+
+    def _chunk_attention(
+        self,
+        chunk: Chunk,
+        q: torch.Tensor,  # (1, heads, n, head_dim)
+        k: torch.Tensor,  # (1, kv_heads, n, head_dim)
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal attention of a prompt chunk over its slot; (n, heads * head_dim) in the model's dtype."""
+        n, start, end = q.shape[2], chunk.start, chunk.end
+        k_cache[chunk.slot, :, start:end] = k[0]
+        v_cache[chunk.slot, :, start:end] = v[0]
+        if start == 0:  # the whole prompt so far is this chunk: attend in the model's dtype, as `generate`
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=self.scale, enable_gqa=True)
+        else:  # later chunks also see the cached positions before them
+            mask = self.positions[:end].unsqueeze(0) <= self.positions[start:end].unsqueeze(1)  # (n, end)
+            keys, values = k_cache[chunk.slot : chunk.slot + 1, :, :end], v_cache[chunk.slot : chunk.slot + 1, :, :end]
+            a = F.scaled_dot_product_attention(
+                q.to(self.cache_dtype), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            ).to(q.dtype)
+        return a[0].transpose(0, 1).reshape(n, -1)
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:

@@ -1,15 +1,20 @@
-"""Model runners: prefill one request into a slot, decode one token for the first B slots.
+"""Model runners: one forward that decodes a token for the first B slots and prefills prompt chunks.
 
-A runner owns a request's KV state by slot index. The scheduler keeps running requests in slots
+A runner owns a request's KV state by slot index. The scheduler keeps decoding requests in slots
 0..B-1 (compacting with `move` when one leaves), so a decode step works on a prefix of the slot
-dimension and never gathers. The engine uses the compact Llama-family forward
-(`service.engine.llama`) when the model fits it, and otherwise the generic runner below, which
-drives the Hugging Face forward with one cache per request (`service.engine.engine.make_runner`).
+dimension and never gathers. New prompts ride in the same forward as `Chunk`s, whole or in pieces
+(a long prompt is prefilled over several steps while the others keep decoding). The engine uses
+the compact Llama-family forward (`service.engine.llama`) when the model fits it, and otherwise
+the generic runner below, which drives the Hugging Face forward with one cache per request
+(`service.engine.engine.make_runner`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -18,23 +23,95 @@ from transformers import DynamicCache, PreTrainedModel
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens for one slot: `ids` go to positions start..start+len(ids)-1.
+
+    The slot must already hold positions 0..start-1 (earlier chunks of the same prompt); a chunk
+    with start 0 replaces whatever the slot held.
+    """
+
+    slot: int
+    ids: list[int]
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
+
+
 class Runner(Protocol):
     """What the scheduler needs from a model; all tensors live on the model's device."""
 
     max_slots: int
     max_seq: int  # positions a slot can hold (prompt + generated)
 
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Run the prompt into `slot` (replacing what it held); logits of the last position (vocab,)."""
-        ...
-
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Append tokens (B,) at positions (B,) to slots first..first+B-1; logits (B, vocab)."""
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, chunks: Sequence[Chunk] = (), first: int = 0
+    ) -> torch.Tensor:
+        """Append tokens (B,) at positions (B,) to slots first..first+B-1 and prefill `chunks`, in one
+        forward; logits (B + len(chunks), vocab): the B decode rows, then each chunk's last position."""
         ...
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst`."""
         ...
+
+
+class StepShortcuts:
+    """`prefill` and `decode` as single-purpose steps of a runner's `step` (warm-up, benchmarks, tests)."""
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run a whole prompt into `slot` (replacing what it held); logits of its last position (vocab,)."""
+        none = torch.empty(0, dtype=torch.long)
+        return self.step(none, none, [Chunk(slot, list(ids))])[0]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Append tokens (B,) at positions (B,) to slots first..first+B-1; logits (B, vocab)."""
+        return self.step(tokens, positions, (), first)
+
+
+MAX_AUTO_SLOTS = 64  # more requests per step than this stop paying on the hosts we measure
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the cache on `device`: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: what the OS reports as free
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_bytes_per_position(model: PreTrainedModel) -> int:
+    """Cache bytes one position of one request takes: keys and values of every layer (fp32 on CPU)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = 4 if model.device.type == "cpu" else model.dtype.itemsize
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def slots_for_memory(model: PreTrainedModel, max_seq: int, budget: int | None = None) -> int:
+    """Batch slots whose caches fit `budget` bytes (default a quarter of free memory) at full context.
+
+    Sized for the worst case, every slot at `max_seq` positions; the cache itself grows with use.
+    """
+    budget = free_memory(model.device) // 4 if budget is None else budget
+    per_slot = kv_bytes_per_position(model) * max_positions(model, max_seq)
+    slots = max(1, min(MAX_AUTO_SLOTS, budget // per_slot))
+    log.info(
+        "%d batch slots: %.1f MiB of cache each at %d positions, budget %.0f MiB",
+        slots,
+        per_slot / 2**20,
+        max_positions(model, max_seq),
+        budget / 2**20,
+    )
+    return slots
 
 
 def max_positions(model: PreTrainedModel, wanted: int) -> int:
@@ -43,8 +120,8 @@ def max_positions(model: PreTrainedModel, wanted: int) -> int:
     return min(wanted, limit) if limit else wanted
 
 
-class HFRunner:
-    """Any causal LM through its own forward: one DynamicCache per slot, decoded one slot at a time.
+class HFRunner(StepShortcuts):
+    """Any causal LM through its own forward: one DynamicCache per slot, run one slot at a time.
 
     Correct for every architecture `generate` supports but shares no forward passes; the
     compact Llama-family runner is the fast path.
@@ -58,26 +135,25 @@ class HFRunner:
         self.caches: list[DynamicCache | None] = [None] * max_slots
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        self.caches[slot] = cache
-        return out.logits[0, -1]
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, first: int = 0) -> torch.Tensor:
-        rows = []
-        for b in range(tokens.shape[0]):
-            cache = self.caches[first + b]
-            if cache is None:
-                raise RuntimeError(f"slot {first + b} holds no request")
-            extra = cache.get_seq_length() - int(positions[b])
-            if extra > 0:  # a retried decode (see LLMEngine._decode) must not append twice
-                cache.crop(-extra)
-            out = self.model(input_ids=tokens[b].view(1, 1), cache=cache, use_cache=True, logits_to_keep=1)
-            rows.append(out.logits[0, -1])
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, chunks: Sequence[Chunk] = (), first: int = 0
+    ) -> torch.Tensor:
+        rows = [self._append(first + b, [int(tokens[b])], int(positions[b])) for b in range(tokens.shape[0])]
+        rows += [self._append(c.slot, c.ids, c.start) for c in chunks]
         return torch.stack(rows)
+
+    def _append(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Run `ids` at positions start.. on top of the slot's cache; logits of the last one."""
+        if start == 0:
+            self.caches[slot] = DynamicCache(config=self.model.config)
+        cache = self.caches[slot]
+        if cache is None:
+            raise RuntimeError(f"slot {slot} holds no request")
+        extra = cache.get_seq_length() - start
+        if extra > 0:  # a retried step (see LLMEngine._run) must not append twice
+            cache.crop(-extra)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches[dst] = self.caches[src]

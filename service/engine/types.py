@@ -13,7 +13,9 @@ from service.backend import FinishReason, SamplingParams
 class EngineConfig:
     """Limits of one variant's engine; the server builds it from its settings."""
 
-    max_batch_size: int = 8  # requests decoded together
+    max_batch_size: int | None = None  # requests decoded together; None: as many as kv_cache_bytes holds
+    kv_cache_bytes: int | None = None  # what the slots may take at full context; None: 1/4 of free memory
+    prefill_tokens_per_step: int = 256  # prompt tokens per step: bounds the stall a burst of arrivals causes
     max_queue: int = 64  # requests in flight beyond the batch slots get Overloaded (HTTP 429)
     max_prompt_tokens: int = 2048  # longer prompts get InvalidRequest (HTTP 400)
     max_tokens: int = 1024  # cap on SamplingParams.max_tokens (HTTP 400 beyond)

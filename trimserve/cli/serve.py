@@ -17,6 +17,8 @@ SERVE_FLAGS = {
     "device": "device",
     "api_key": "api_key",
     "max_batch_size": "max_batch_size",
+    "kv_cache_gib": "kv_cache_gib",
+    "prefill_tokens_per_step": "prefill_tokens_per_step",
     "max_queue": "max_queue",
     "max_prompt_tokens": "max_prompt_tokens",
     "max_tokens": "max_tokens",
@@ -60,7 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--api-key", help="require this bearer token (also TRIMSERVE_API_KEY)")
-    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--max-batch-size", type=int, help="requests decoded together (default: sized from memory)")
+    serve.add_argument(
+        "--kv-cache-gib", type=float, help="cache memory per in-process model for sizing the batch (default: 1/4 free)"
+    )
+    serve.add_argument(
+        "--prefill-tokens-per-step",
+        type=int,
+        help="prompt tokens prefilled per engine step; longer prompts are chunked",
+    )
     serve.add_argument("--max-queue", type=int)
     serve.add_argument("--max-prompt-tokens", type=int)
     serve.add_argument("--max-tokens", type=int)
