@@ -129,6 +129,7 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             kv_cache_bytes=None if self.kv_cache_gib is None else int(self.kv_cache_gib * 2**30),
             prefill_tokens_per_step=self.prefill_tokens_per_step,
+            release_model_weights=True,
             max_queue=self.max_queue,
             max_prompt_tokens=self.max_prompt_tokens,
             max_tokens=self.max_tokens,

@@ -225,3 +225,50 @@ def test_slots_are_sized_from_the_memory_budget() -> None:
     assert slots_for_memory(model, 256, budget=1 << 40) == MAX_AUTO_SLOTS
     assert slots_for_memory(model, 10_000, budget=512 * 1024) == 1  # capped at the model's 512 positions
     assert slots_for_memory(model, 256) >= 1  # from this machine's free memory
+
+
+def test_logits_of_a_whole_sequence_match_the_model_and_leave_the_cache(tiny_model) -> None:
+    runner = make_runner(tiny_model, 2, 128)
+    ids = prompts((12,), seed=23)[0]
+    before = runner.prefill(0, ids[:5])
+    with torch.no_grad():
+        expected = tiny_model(torch.tensor([ids])).logits[0, -4:]
+    assert torch.allclose(runner.logits(ids, 4), expected, atol=1e-4)
+    with torch.no_grad():
+        sixth = tiny_model(torch.tensor([ids[:6]])).logits[0, -1]
+    # slot 0 still holds its 5 positions: decoding the sixth token there gives the model's logits
+    assert torch.allclose(runner.decode(torch.tensor([ids[5]]), torch.tensor([5]))[0], sixth, atol=1e-4)
+    assert torch.equal(runner.prefill(1, ids[:5]), before)
+
+
+def test_a_runner_that_owns_its_bf16_model_frees_the_plain_weights() -> None:
+    model, twin = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    if not can_pack(model):
+        pytest.skip("no oneDNN bf16 support on this CPU")
+    owner, keeper = LlamaRunner(model, 2, 64, release=True), LlamaRunner(twin, 2, 64)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    assert all(m.weight.numel() == 0 for m in linears if not (tied and m is model.lm_head))
+    assert all(layer.gate_up.weight is None for layer in owner.layers)
+    ids = prompts((9,), seed=24)[0]
+    assert torch.equal(owner.prefill(0, ids), keeper.prefill(0, ids))
+    step = (torch.tensor([5]), torch.tensor([9]))
+    assert torch.equal(owner.decode(*step), keeper.decode(*step))
+    assert torch.equal(owner.logits(ids, 3), keeper.logits(ids, 3))
+    assert sum(m.weight.numel() for m in twin.modules() if isinstance(m, torch.nn.Linear)) > 0  # not asked: kept
+
+
+def test_variants_share_the_blocked_copies_of_the_layers_they_did_not_change() -> None:
+    base, variant = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    if not can_pack(base):
+        pytest.skip("no oneDNN bf16 support on this CPU")
+    with torch.no_grad():
+        variant.model.layers[2].mlp.down_proj.weight.mul_(0.5)
+    a, b = LlamaRunner(base, 2, 64, release=True), LlamaRunner(variant, 2, 64, release=True)
+    assert a.layers[2].qkv.packed is b.layers[2].qkv.packed
+    assert a.layers[0].down.packed is b.layers[0].down.packed
+    assert a.layers[2].down.packed is not b.layers[2].down.packed
+    ids = prompts((7,), seed=25)[0]
+    fresh = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 64)  # the base again, not released
+    assert torch.equal(a.prefill(0, ids), fresh.prefill(0, ids))
+    assert not torch.equal(b.prefill(0, ids), fresh.prefill(0, ids))

@@ -31,6 +31,7 @@ from service.backend import (
 )
 from service.engine.compute import run_async
 from service.engine.engine import LLMEngine
+from service.engine.runner import Runner
 from service.engine.types import EngineConfig
 from service.textstream import IncrementalDetokenizer, StopMatcher
 from variants.load import LoadedVariant, resolve_device
@@ -149,7 +150,7 @@ class NativeBackend:
         )
         if not ids:
             return Score(0, 0.0, 1.0)
-        return await run_async(self.device, lambda: score_answer(self.loaded.model, prompt_ids, ids))
+        return await run_async(self.device, lambda: score_answer(self.engine.runner, prompt_ids, ids))
 
     def describe(self) -> dict[str, Any]:
         loaded = self.loaded
@@ -187,11 +188,10 @@ class NativeBackend:
 
 
 @torch.inference_mode()
-def score_answer(model: Any, prompt_ids: list[int], answer_ids: list[int]) -> Score:
-    """Mean NLL of `answer_ids` after `prompt_ids` under `model`, and its top-1 agreement."""
-    tokens = torch.tensor([prompt_ids + answer_ids], device=next(model.parameters()).device)
-    logits = model(tokens, use_cache=False, logits_to_keep=len(answer_ids) + 1).logits[0, :-1].float()
-    target = tokens[0, len(prompt_ids) :]
+def score_answer(runner: Runner, prompt_ids: list[int], answer_ids: list[int]) -> Score:
+    """Mean NLL of `answer_ids` after `prompt_ids` under the runner's model, and its top-1 agreement."""
+    logits = runner.logits(prompt_ids + answer_ids, len(answer_ids) + 1)[:-1].float()
+    target = torch.tensor(answer_ids, device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits, target)
     top1 = (logits.argmax(-1) == target).float().mean()
     return Score(len(answer_ids), float(nll), float(top1))

@@ -44,7 +44,7 @@ from service.backend import (
 )
 from service.engine.compute import run_async, run_sync
 from service.engine.llama import LlamaRunner, unsupported_reason
-from service.engine.runner import Chunk, HFRunner, Runner, slots_for_memory
+from service.engine.runner import Chunk, HFRunner, Runner, slots_for_memory, trim_heap
 from service.engine.sampling import make_generator, sample_one
 from service.engine.types import EngineConfig, TokenEvent
 
@@ -78,11 +78,16 @@ class _Request:
         return self.prefilled == len(self.prompt)
 
 
-def make_runner(model: PreTrainedModel, max_slots: int, max_seq: int, fast: bool = True) -> Runner:
-    """The compact runner when the architecture allows it (and `fast`), else the generic one."""
+def make_runner(
+    model: PreTrainedModel, max_slots: int, max_seq: int, fast: bool = True, release: bool = False
+) -> Runner:
+    """The compact runner when the architecture allows it (and `fast`), else the generic one.
+
+    `release`: the runner owns the model and may free its weights that it keeps in another layout.
+    """
     reason = unsupported_reason(model) if fast else "fast path disabled"
     if reason is None:
-        return LlamaRunner(model, max_slots, max_seq)
+        return LlamaRunner(model, max_slots, max_seq, release=release)
     log.info("generic runner for %s: %s", model.config.model_type, reason)
     return HFRunner(model, max_slots, max_seq)
 
@@ -115,7 +120,9 @@ class LLMEngine:
         self.device = model.device
         max_seq = config.max_prompt_tokens + config.max_tokens
         slots = config.max_batch_size or slots_for_memory(model, max_seq, config.kv_cache_bytes)
-        self.runner = run_sync(self.device, lambda: make_runner(model, slots, max_seq))
+        release = config.release_model_weights
+        self.runner = run_sync(self.device, lambda: make_runner(model, slots, max_seq, release=release))
+        run_sync(self.device, trim_heap)
         log.info("engine %s: %d batch slots of %d positions", name, self.runner.max_slots, self.runner.max_seq)
         self.observer = observer
         self._cond = threading.Condition()

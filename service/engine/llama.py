@@ -17,6 +17,8 @@ format knows which, `variants.noop.noop_layers`) runs only its MLP and keeps no 
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -37,27 +39,45 @@ ATTENTION_BUCKET = 64  # decode attends over the used positions rounded up to th
 RUN_COST = 256
 
 
+# blocked weight copies by (dtype, shape, content digest), alive while some runner uses them
+_PACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 @dataclass(frozen=True)
 class _Linear:
-    weight: torch.Tensor
+    weight: torch.Tensor | None  # None once released: a bf16 blocked copy alone is enough
     bias: torch.Tensor | None
-    packed: torch.Tensor | None = None  # oneDNN-blocked copy of `weight` (bf16 on CPU)
+    packed: torch.Tensor | None = None  # blocked copy of `weight` (oneDNN for bf16, MKL for fp32)
 
     @classmethod
     def of(cls, module: nn.Linear) -> _Linear:
         return cls(module.weight, module.bias)
 
     def pack(self) -> _Linear:
-        """This linear with a blocked weight copy (oneDNN for bf16, MKL for fp32)."""
-        w = self.weight.detach()
-        if w.dtype == torch.bfloat16:
-            return _Linear(self.weight, self.bias, torch.ops.mkldnn._reorder_linear_weight(w, 1))
-        return _Linear(self.weight, self.bias, torch.ops.mkl._mkl_reorder_linear_weight(w, 1))
+        """This linear with a blocked weight copy (oneDNN for bf16, MKL for fp32).
+
+        Copies are shared by content across the process: a variant serves beside its base model, and
+        the layers it did not change (most of a depth variant's) are then held once.
+        """
+        w = self.weight.detach().contiguous()
+        key = (w.dtype, tuple(w.shape), hashlib.blake2b(w.view(torch.uint8).numpy()).digest())
+        packed = _PACKED.get(key)
+        if packed is None:
+            if w.dtype == torch.bfloat16:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            else:
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
+            _PACKED[key] = packed
+        return _Linear(self.weight, self.bias, packed)
+
+    def released(self) -> _Linear:
+        """Without its plain weight, when the blocked copy is all the bf16 kernel needs."""
+        return replace(self, weight=None) if self.packed is not None and self.packed.dtype == torch.bfloat16 else self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if self.weight.dtype == torch.bfloat16:
+        if self.packed.dtype == torch.bfloat16:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 1)
 
@@ -196,17 +216,32 @@ class _DecodeRun:
     bias: torch.Tensor  # (rows, 1, 1, L) fp32: 0 where a row attends, -inf elsewhere
 
 
-def _packed(layer: _Layer) -> _Layer:
-    def pack(linear: _Linear | None) -> _Linear | None:
-        return linear.pack() if linear is not None else None
+def _each_linear(layer: _Layer, fn: Callable[[_Linear], _Linear]) -> _Layer:
+    def apply(linear: _Linear | None) -> _Linear | None:
+        return fn(linear) if linear is not None else None
 
-    return replace(layer, qkv=pack(layer.qkv), o=pack(layer.o), gate_up=layer.gate_up.pack(), down=layer.down.pack())
+    return replace(layer, qkv=apply(layer.qkv), o=apply(layer.o), gate_up=fn(layer.gate_up), down=fn(layer.down))
+
+
+def release_linear_weights(model: PreTrainedModel) -> None:
+    """Empty the Hugging Face model's linear weights (the runner keeps its own blocked copies).
+
+    Halves the memory of a bf16 model served on CPU; the model cannot run its own forward after
+    this, so only a runner that owns its model does it. A tied output head stays (it is the
+    embedding the runner reads).
+    """
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight is not embedding:
+            module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
 
 
 class LlamaRunner(StepShortcuts):
     """Batched decode and chunked prefill for a Llama-family model over `max_slots` cache slots."""
 
-    def __init__(self, model: PreTrainedModel, max_slots: int, max_seq: int, pack: bool | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, max_slots: int, max_seq: int, pack: bool | None = None, release: bool = False
+    ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"cannot use the compact forward: {reason}")
@@ -235,8 +270,13 @@ class LlamaRunner(StepShortcuts):
         # of oneDNN's with pre-blocked weights. The blocked copies cost one more copy of the weights.
         self.packed = can_pack(model) if pack is None else pack
         if self.packed:
-            self.layers = [_packed(layer) for layer in self.layers]
+            self.layers = [_each_linear(layer, _Linear.pack) for layer in self.layers]
             self.lm_head = self.lm_head.pack()
+        if release and self.packed and self.dtype == torch.bfloat16:
+            self.layers = [_each_linear(layer, _Linear.released) for layer in self.layers]
+            if self.lm_head.weight is not self.embed:
+                self.lm_head = self.lm_head.released()
+            release_linear_weights(model)
         self.capacity = 0
         self.slots = 0  # slots the cache holds now (it grows to max_slots as load needs them)
         self.k_cache: list[torch.Tensor | None] = []
@@ -372,6 +412,20 @@ class LlamaRunner(StepShortcuts):
                 q.to(self.cache_dtype), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
             ).to(q.dtype)
         return a[0].transpose(0, 1).reshape(n, -1)
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int], keep: int) -> torch.Tensor:
+        """Logits of the last `keep` positions of `ids` in one forward that leaves the cache alone."""
+        T = len(ids)
+        x = F.embedding(torch.tensor([ids], dtype=torch.long, device=self.device), self.embed)
+        cos, sin = self.rotary(x, torch.arange(T, device=self.device).unsqueeze(0))
+        for layer in self.layers:
+            if layer.qkv is not None:
+                q, k, v = self._qkv(layer, x, cos, sin)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, enable_gqa=True)
+                x = x + layer.o(a.transpose(1, 2).reshape(1, T, -1))
+            x = self._mlp(layer, x)
+        return self.lm_head(self.norm(x[0, -keep:]))
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:

@@ -11,6 +11,8 @@ the generic runner below, which drives the Hugging Face forward with one cache p
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Sequence
@@ -55,6 +57,10 @@ class Runner(Protocol):
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst`."""
+        ...
+
+    def logits(self, ids: list[int], keep: int) -> torch.Tensor:
+        """Logits (keep, vocab) of the last `keep` positions of `ids`, leaving every slot as it was."""
         ...
 
 
@@ -114,6 +120,12 @@ def slots_for_memory(model: PreTrainedModel, max_seq: int, budget: int | None = 
     return slots
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc keeps what loading and packing freed)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to give back this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def max_positions(model: PreTrainedModel, wanted: int) -> int:
     """`wanted` capped by the model's position limit, if it has one."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -154,6 +166,11 @@ class HFRunner(StepShortcuts):
             cache.crop(-extra)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int], keep: int) -> torch.Tensor:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits[0]
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches[dst] = self.caches[src]
