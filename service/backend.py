@@ -92,6 +92,7 @@ class Memory:
     """What a backend holds: resident memory of its processes, and device memory by device."""
 
     rss_bytes: int | None = None
+    kv_cache_bytes: int | None = None  # what an in-process engine's KV cache holds now (it grows with load)
     device_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> allocated/reserved/peak
 
 

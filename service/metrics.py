@@ -58,6 +58,12 @@ class Metrics:
         self.rss_bytes = Gauge(
             "trimserve_process_resident_memory_bytes", "Resident memory of the serving process", v, registry=r
         )
+        self.kv_cache_bytes = Gauge(
+            "trimserve_kv_cache_bytes",
+            "Bytes an in-process engine's KV cache holds (it grows with load)",
+            v,
+            registry=r,
+        )
         self.cuda_allocated = Gauge(
             "trimserve_cuda_memory_allocated_bytes", "CUDA memory allocated", [*v, "device"], registry=r
         )

@@ -36,6 +36,7 @@ class FakeEngine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.alive = True
+        self.cache_bytes = 4096  # a figure for the kv-cache gauge
         self.delay = 0.0
         self.fail_after: int | None = None
         self.script: list[int] | None = None  # tokens to emit instead of the echo

@@ -206,6 +206,7 @@ def test_the_cache_grows_its_slots_with_use() -> None:
     before = runner.prefill(3, ids)
     runner.prefill(12, ids)
     assert runner.slots == 16
+    assert runner.cache_bytes == 4 * 2 * 16 * 2 * 64 * 16 * 4  # layers, keys and values, slots, heads, positions, dims
     assert torch.equal(
         runner.decode(torch.tensor([7]), torch.tensor([5]), first=3),
         runner.decode(torch.tensor([7]), torch.tensor([5]), first=12),

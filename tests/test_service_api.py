@@ -156,6 +156,7 @@ async def test_health_ready_docs_metrics(server: Server) -> None:
     assert 'trimserve_requests_total{outcome="ok",variant="full"} 1.0' in text
     assert 'trimserve_request_latency_seconds_count{variant="full"} 1.0' in text
     assert 'trimserve_process_resident_memory_bytes{variant="small"}' in text
+    assert 'trimserve_kv_cache_bytes{variant="full"} 4096.0' in text
     assert 'trimserve_model_parameters{kind="nonzero",variant="full"}' in text
     await server.http.post("/v1/completions", json={"model": "full", "prompt": "x", "max_tokens": 1000})
     text = (await server.http.get("/metrics")).text

@@ -19,6 +19,8 @@ def refresh(state: ServerState, metrics: Metrics) -> None:
         memory = backend.memory()
         if memory.rss_bytes is not None:
             metrics.rss_bytes.labels(variant=name).set(memory.rss_bytes)
+        if memory.kv_cache_bytes is not None:
+            metrics.kv_cache_bytes.labels(variant=name).set(memory.kv_cache_bytes)
         for device, figures in memory.device_bytes.items():
             for key, gauge in (
                 ("allocated", metrics.cuda_allocated),

@@ -172,6 +172,8 @@ class NativeBackend:
 
     def memory(self) -> Memory:
         memory = Memory(rss_bytes=psutil.Process().memory_info().rss)
+        if self.engine is not None:
+            memory.kv_cache_bytes = self.engine.cache_bytes
         device = self.loaded.device if self.loaded is not None else None
         if device is not None and device.type == "cuda" and torch.cuda.is_available():
             index = device.index if device.index is not None else torch.cuda.current_device()

@@ -144,6 +144,11 @@ class LLMEngine:
         return self._accepting and self._dead is None
 
     @property
+    def cache_bytes(self) -> int | None:
+        """What the KV cache holds now (it grows with load); None if the runner cannot tell."""
+        return self.runner.cache_bytes
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

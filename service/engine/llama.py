@@ -285,6 +285,11 @@ class LlamaRunner(StepShortcuts):
         self.slot_ids = torch.arange(max_slots, device=self.device)
         self.positions = torch.arange(self.max_seq, device=self.device)
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache holds now."""
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache) if t is not None)
+
     def _grow(self, positions: int, slots: int) -> None:
         """Make the cache hold at least `positions` positions in `slots` slots (copying what it holds)."""
         if positions <= self.capacity and slots <= self.slots:

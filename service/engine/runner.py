@@ -47,6 +47,7 @@ class Runner(Protocol):
 
     max_slots: int
     max_seq: int  # positions a slot can hold (prompt + generated)
+    cache_bytes: int | None  # what the KV cache holds now, if the runner can tell
 
     def step(
         self, tokens: torch.Tensor, positions: torch.Tensor, chunks: Sequence[Chunk] = (), first: int = 0
@@ -145,6 +146,7 @@ class HFRunner(StepShortcuts):
         self.max_seq = max_positions(model, max_seq)
         self.device = model.device
         self.caches: list[DynamicCache | None] = [None] * max_slots
+        self.cache_bytes = None  # Hugging Face caches do not report their size
 
     @torch.inference_mode()
     def step(

@@ -39,6 +39,7 @@ class Engine(Protocol):
     """One loaded model. `generate` yields tokens as they are produced; `abort` frees the slot."""
 
     name: str
+    cache_bytes: int | None  # what its KV cache holds now, if it can tell
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]: ...
 
