@@ -156,6 +156,7 @@ def check_answers(
     model, tokenizer = load_model("smollm2-135m", dtype=dtype)
     margins: dict[tuple[int, str], float | None] = {}
     exact = ties = wrong = mixed = prompt_mismatch = 0
+    wrong_items = []  # for diagnosis: which prompt, how far from greedy (None: the text does not re-tokenize)
     for r in results:
         if not r.ok:
             continue
@@ -173,12 +174,14 @@ def check_answers(
         else:
             wrong += 1
             mixed += any(r.text == other.text for k, other in reference.items() if k != r.prompt_index)
+            wrong_items.append({"prompt": r.prompt_index, "margin": margins[key], "chars": len(r.text)})
     return {
         "answers": sum(r.ok for r in results),
         "exact": exact,
         "greedy_up_to_ties": ties,
         "wrong": wrong,
         "mixed_up": mixed,
+        "wrong_items": wrong_items,
         "prompt_mismatch": prompt_mismatch,
         "largest_tie_margin": max((m for m in margins.values() if m is not None and m <= TIE_LOGITS), default=0.0),
     }

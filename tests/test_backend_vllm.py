@@ -96,3 +96,22 @@ def test_a_process_that_dies_while_starting_is_reported_with_its_output(tmp_path
     b = backend(tmp_path, Metrics(), "--port", "not-a-number")  # argparse fails: exit 2 at once
     with pytest.raises(Unavailable, match=r"variant 'v': the vLLM process exited with 2 while starting"):
         asyncio.run(b.start())
+
+
+def test_stopping_under_uvloop_does_not_wait_forever(tmp_path: Path) -> None:
+    """The server runs on uvloop, which learns of a child's exit from SIGCHLD. A gateway hung at
+    shutdown when psutil reaped vLLM before uvloop saw it exit (a race this fake rarely loses, so
+    the test guards the uvloop path as a whole); the child is now waited on through the loop only."""
+    uvloop = pytest.importorskip("uvloop")
+    b = backend(tmp_path, Metrics())
+
+    async def scenario():
+        await b.start()
+        assert await answer(b) == " one two three"
+        group = b.process.pid
+        await asyncio.wait_for(b.close(1.0), 20)
+        return group
+
+    group = uvloop.run(scenario())
+    assert b.process.returncode is not None
+    assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, group)]

@@ -226,10 +226,16 @@ class VllmBackend(UpstreamBackend):
         """SIGTERM the process group, SIGKILL whatever is left after the grace period."""
         if self.process is None:
             return
-        members = process_tree(self.process.pid)
+        # The child itself is waited on through asyncio only: psutil would reap it, and an event loop
+        # that learns of exits from SIGCHLD (uvloop) would then wait for it forever.
+        descendants = process_tree(self.process.pid)[1:]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGTERM)
-        _, alive = await asyncio.to_thread(psutil.wait_procs, members, timeout=STOP_GRACE_S)
+        began = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
+        grace = max(STOP_GRACE_S - (time.monotonic() - began), 0.0)
+        _, alive = await asyncio.to_thread(psutil.wait_procs, descendants, timeout=grace)
         for process in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
