@@ -374,9 +374,9 @@ class LLMEngine:
         budget = self.config.prefill_tokens_per_step
         planned: list[tuple[_Request, Chunk]] = []
 
-        def plan(req: _Request) -> int:
+        def plan(req: _Request) -> int:  # req is the last in `_running`: its slot is the last one
             ids = req.prompt[req.prefilled : req.prefilled + budget]
-            planned.append((req, Chunk(self._running.index(req), ids, req.prefilled)))
+            planned.append((req, Chunk(len(self._running) - 1, ids, req.prefilled)))
             return len(ids)
 
         if self._running and not self._running[-1].ready:

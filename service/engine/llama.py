@@ -18,6 +18,7 @@ format knows which, `variants.noop.noop_layers`) runs only its MLP and keeps no 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -357,7 +358,7 @@ class LlamaRunner(StepShortcuts):
                     offset += n
                 x = x + layer.o(torch.cat(parts).unsqueeze(0))
             x = self._mlp(layer, x)
-        last = list(range(B)) + [B + sum(len(c.ids) for c in chunks[: i + 1]) - 1 for i in range(len(chunks))]
+        last = list(range(B)) + [B + end - 1 for end in itertools.accumulate(len(c.ids) for c in chunks)]
         return self.lm_head(self.norm(x[0, last]))
 
     def _decode_run(self, first: int, positions: torch.Tensor, i: int, j: int, L: int) -> _DecodeRun:
