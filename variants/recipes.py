@@ -124,6 +124,7 @@ class DepthRecipe(BaseModel):
     kind: Literal["depth"] = "depth"
     config: DepthSettings
     domain: str | None = None  # TrimLLM's domain text source
+    teacher: str | None = None  # TrimLLM's distillation teacher (default: the source model, unpruned)
     track_wikitext: int = Field(0, ge=0)  # TrimLLM: WikiText-2 windows scored after every drop
     dtype: Dtype = "fp32"
 
@@ -139,6 +140,8 @@ class DepthRecipe(BaseModel):
     def model_post_init(self, context: object) -> None:
         if self.config.method == "trimllm" and not self.domain:
             raise ValueError("trimllm needs a domain text source (--domain)")
+        if self.teacher and not (self.config.trimllm and self.config.trimllm.distils):
+            raise ValueError("--teacher applies to trimllm with --heal kd or kd+lm")
 
     @classmethod
     def from_options(

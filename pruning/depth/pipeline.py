@@ -25,10 +25,11 @@ from pruning.depth.criteria import (
     lowest,
     sleb_greedy,
 )
+from pruning.depth.distill import TeacherLogits
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import REPLACEMENTS, StreamlineConfig, streamline
 from pruning.depth.surgery import check_removal, remove_layers
-from pruning.depth.trimllm import TrimLLMConfig, trimllm
+from pruning.depth.trimllm import TrimLLMConfig, domain_teacher, trimllm
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,15 @@ def prune_depth(
     calibration: Calibration | None = None,
     domain: torch.Tensor | None = None,
     tracker: Callable[[PreTrainedModel], float] | None = None,
+    teacher: PreTrainedModel | TeacherLogits | None = None,
 ) -> DepthOutcome:
     """Run the configured method on `model` in place.
 
     Every method but TrimLLM reads `calibration` (windows, and optionally their states h_0 .. h_L
     from this model, so callers can share one pass between methods); TrimLLM reads `domain`, the
     domain text's token ids, and reports `tracker(model)` (e.g. WikiText-2 perplexity) per drop.
+    A distilling TrimLLM learns from `teacher`: its cached logits, or a model whose logits to cache
+    (default: this model before any layer goes).
     """
     num_layers = len(decoder_layers(model))
     settings.check(num_layers)
@@ -103,8 +107,13 @@ def prune_depth(
     if settings.method == "trimllm":
         if domain is None:
             raise ValueError("trimllm needs the domain text's token ids")
-        result = trimllm(model, domain, settings.trimllm, tracker)
+        config = settings.trimllm
+        if config.distils and not isinstance(teacher, TeacherLogits):
+            teacher = domain_teacher(model if teacher is None else teacher, domain, config)
+        result = trimllm(model, domain, config, tracker, teacher if config.distils else None)
         outcome = DepthOutcome(removed=result.removed, stats=result.stats())
+        if config.distils:
+            outcome.stats["teacher"] = teacher.about
     else:
         if calibration is None:
             raise ValueError(f"{settings.method} needs calibration windows")

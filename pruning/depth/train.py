@@ -1,12 +1,14 @@
-"""Training helpers shared by the depth methods: cosine schedule, AdamW, freezing, LM steps."""
+"""Training helpers shared by the depth methods: cosine schedule, AdamW, freezing, LoRA, LM steps."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -36,6 +38,21 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Module]) -> int:
                 seen.add(id(p))
                 count += p.numel()
     return count
+
+
+def lora_adapters(model: PreTrainedModel, modules: list[nn.Module], rank: int, alpha: float) -> PeftModel:
+    """LoRA adapters (peft) of `rank` on every linear inside `modules`; everything else frozen.
+
+    The model is changed in place and stays usable as it is; the returned peft model's
+    `merge_and_unload()` folds the adapters into the weights, leaving a plain checkpoint."""
+    inside = {id(m) for module in modules for m in module.modules()}
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+    if not targets:
+        raise ValueError("LoRA found no linear layer to adapt in the trainable layers")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+    with warnings.catch_warnings():  # peft 0.21 calls `is_gradient_checkpointing`, deprecated in transformers 5
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 @contextlib.contextmanager

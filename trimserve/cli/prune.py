@@ -17,10 +17,12 @@ from pruning.depth.criteria import check_window, scan_scores, sleb_greedy
 from pruning.depth.pipeline import METHODS as DEPTH_METHODS
 from pruning.depth.states import depth_states
 from pruning.depth.streamline import LOSSES, REPLACEMENTS
+from pruning.depth.trimllm import HEALS
 from pruning.sparse.pipeline import METHODS as SPARSE_METHODS
 from trimserve.cli.eval import add_model_options
 from trimserve.depth_charts import plot_scan, plot_trajectory
-from variants.build import build_variant
+from variants.build import build_variant, source_config
+from variants.decilm import check_exportable, write_decilm_layout
 from variants.format import CalibrationRef
 from variants.load import load_model
 from variants.recipes import DepthRecipe, SparseRecipe
@@ -172,12 +174,47 @@ def register_depth(prune_sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="streamline kd: share of positions distilled per step (1.0; lower runs the head on fewer tokens)",
     )
-    depth.add_argument("--domain", default=None, help="trimllm domain text: source name or .txt/.jsonl path")
-    depth.add_argument("--steps-per-round", type=int, default=10, help="trimllm fine-tuning steps per drop (10)")
-    depth.add_argument("--final-steps", type=int, default=0, help="trimllm fine-tuning steps after the last drop")
+    depth.add_argument("--domain", default=None, help="trimllm domain text: source name or .txt/.jsonl[:field] path")
+    depth.add_argument(
+        "--heal",
+        default="kd",
+        choices=HEALS,
+        help="trimllm healing loss: kd distils the unpruned model's cached logits (default), lm is the paper's "
+        "LM loss, kd+lm both (--kd-weight)",
+    )
+    depth.add_argument(
+        "--teacher", default=None, help="trimllm kd: teacher model with the same tokenizer (default: MODEL)"
+    )
+    depth.add_argument(
+        "--teacher-finetune-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trimllm kd: fine-tune the teacher N LM steps on the domain before caching its logits (0)",
+    )
+    depth.add_argument("--kd-top-k", type=int, default=64, help="trimllm kd: teacher logits kept per token (64)")
+    depth.add_argument("--kd-weight", type=float, default=0.5, help="trimllm kd+lm: weight of the KD term (0.5)")
+    depth.add_argument(
+        "--lora-rank", type=int, default=0, help="trimllm: train LoRA adapters of this rank instead of the layers (0)"
+    )
+    depth.add_argument("--lora-alpha", type=float, default=None, help="trimllm LoRA alpha (2 x rank)")
+    depth.add_argument(
+        "--steps-per-round", type=int, default=None, help="trimllm healing steps per drop (default: from the text size)"
+    )
+    depth.add_argument(
+        "--final-steps",
+        type=int,
+        default=None,
+        help="trimllm healing steps after the last drop (default: from the text size)",
+    )
     depth.add_argument("--trainable-fraction", type=float, default=0.25, help="trimllm trainable layers (0.25)")
     depth.add_argument("--no-train-head", action="store_true", help="trimllm: keep final norm and head frozen")
-    depth.add_argument("--heldout-windows", type=int, default=2, help="trimllm held-out slice, in windows (2)")
+    depth.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=None,
+        help="trimllm held-out slice, in windows (default: 1%% of the text, 1-4)",
+    )
     depth.add_argument(
         "--track-wikitext",
         type=int,
@@ -188,6 +225,13 @@ def register_depth(prune_sub: argparse._SubParsersAction) -> None:
     depth.add_argument("--quality-floor", type=float, default=None, help="trimllm: stop above this ppl ratio")
     calibration_options(depth, nsamples=32, seqlen=512)
     depth.add_argument("--out", type=Path, required=True, help="variant directory")
+    depth.add_argument(
+        "--export",
+        default="llama",
+        choices=("llama", "decilm"),
+        help="checkpoint layout: llama (the source's own; FFN-only layers load only in trimserve) or decilm "
+        "(vLLM's DeciLMForCausalLM with --trust-remote-code loads FFN-only layers too; trimserve reads both)",
+    )
     add_model_options(depth)
     depth.set_defaults(func=cmd_depth)
 
@@ -204,6 +248,12 @@ def depth_recipe(args: argparse.Namespace) -> DepthRecipe:
         **({"lr": args.lr, "lr_min": min(5e-5, args.lr)} if args.lr else {}),
     }
     trimllm = {
+        "heal": args.heal,
+        "kd_top_k": args.kd_top_k,
+        "kd_weight": args.kd_weight,
+        "teacher_finetune_steps": args.teacher_finetune_steps,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
         "trainable_fraction": args.trainable_fraction,
         "train_head": not args.no_train_head,
         "steps_per_round": args.steps_per_round,
@@ -220,6 +270,7 @@ def depth_recipe(args: argparse.Namespace) -> DepthRecipe:
         streamline=streamline,
         trimllm=trimllm,
         domain=args.domain,
+        teacher=args.teacher,
         track_wikitext=args.track_wikitext,
         dtype=args.dtype,
     )
@@ -227,7 +278,15 @@ def depth_recipe(args: argparse.Namespace) -> DepthRecipe:
 
 def cmd_depth(args: argparse.Namespace) -> int:
     recipe = depth_recipe(args)
+    if args.export == "decilm":
+        check_exportable(source_config(args.model).to_dict())
     built = build_variant(args.model, recipe, calibration_of(args), args.out, device=args.device)
+    if args.export == "decilm":
+        try:
+            write_decilm_layout(args.out)
+        except ValueError as err:
+            raise ValueError(f"{args.out} is written in the Llama layout, but not as DeciLM: {err}") from None
+        print(f"{args.out}: DeciLM layout (vLLM: --trust-remote-code)")
     if built.reused:
         print(f"{args.out}: this variant already exists; nothing to do")
         return 0
@@ -235,6 +294,12 @@ def cmd_depth(args: argparse.Namespace) -> int:
     if "trajectory" in manifest.stats:
         plot_trajectory(manifest.stats["trajectory"], args.out / "trajectory.png")
     layers = manifest.stats["layers"]
+    if "training" in manifest.stats:
+        t = manifest.stats["training"]
+        print(
+            f"trimllm: heal {t['heal']}, {t['steps_per_round']} steps per drop + {t['final_steps']} after the last, "
+            f"lr {t['lr']:g}, {t['heldout_windows']} held-out windows of {t['seqlen']}"
+        )
     print(
         f"{args.out}: {layers['before']} -> {layers['after']} layers, removed {manifest.stats['removed']} "
         f"in {manifest.stats['seconds']:.0f} s"
