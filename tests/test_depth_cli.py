@@ -85,6 +85,26 @@ def test_depth_scan_prints_and_saves_scores(tiny_dir, tmp_path, capsys):
         (["--method", "streamline", "--remove", "3"], "window of 4"),
         (["--method", "angular", "--remove", "-2"], "at least 1"),
         (["--method", "trimllm", "--remove", "1"], "--domain"),
+        (
+            [
+                "--method",
+                "trimllm",
+                "--remove",
+                "1",
+                "--domain",
+                "d.txt",
+                "--heal",
+                "lm",
+                "--teacher-finetune-steps",
+                "3",
+            ],
+            "needs a teacher",
+        ),
+        (
+            ["--method", "trimllm", "--remove", "1", "--domain", "d.txt", "--heal", "lm", "--teacher", "t"],
+            "--teacher applies",
+        ),
+        (["--method", "trimllm", "--remove", "1", "--domain", "d.txt", "--lora-rank", "-1"], "lora_rank"),
         (["--method", "sleb", "--remove", "3"], "SLEB keeps"),
     ],
 )
@@ -143,3 +163,22 @@ def test_export_decilm_refuses_a_width_it_cannot_express_before_work(tiny_dir, t
     args = ["--method", "shortgpt", "--remove", "1", *CALIB, "--export", "decilm", "--out", str(tmp_path / "v")]
     assert main(["prune", "depth", str(tiny_dir), *args]) == 2
     assert "ffn_mult" in capsys.readouterr().err and not (tmp_path / "v").exists()
+
+
+def test_trimllm_on_a_users_jsonl_derives_and_prints_its_settings(tiny_dir, tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl"
+    line = "The patient presented with fever, cough and elevated inflammatory markers."
+    notes.write_text("".join(json.dumps({"body": f"{line} Case {i}."}) + "\n" for i in range(40)))
+    out = tmp_path / "trim"
+    args = ["--method", "trimllm", "--remove", "1", "--domain", f"{notes}:body", "--seqlen", "32"]
+    assert main(["prune", "depth", str(tiny_dir), *args, "--out", str(out)]) == 0
+    stats = read_manifest(out).stats
+    training, teacher = stats["training"], stats["teacher"]
+    assert training["heal"] == "kd" and training["heldout_windows"] == 1 and training["lr"] == 2e-4
+    assert (
+        training["steps_per_round"] >= 1
+        and len(stats["losses"]) == training["steps_per_round"] + training["final_steps"]
+    )
+    assert teacher["source"] == f"{tiny_dir} (unpruned)" and teacher["top_k"] == 64 and 0 < teacher["mass"] <= 1
+    printed = capsys.readouterr().out
+    assert f"{training['steps_per_round']} steps per drop + {training['final_steps']} after the last" in printed
