@@ -272,8 +272,11 @@ class Bench:
         return {"heal_steps": steps, "heal_s": round(time.perf_counter() - began, 1)}
 
     def domain_scores(self, model, wiki: float | None = None) -> dict:
-        """Domain perplexity, PubMedQA accuracy and WikiText-2 perplexity (unless given) of one model."""
+        """Domain perplexity, PubMedQA accuracy and WikiText-2 perplexity (unless given) of one model;
+        with --scores domain only the first (to compare healing recipes quickly)."""
         began = time.perf_counter()
+        if self.args.scores == "domain":
+            return {"domain_ppl": self.domain_ppl(model), "layers": model.config.num_hidden_layers}
         mc = mc_accuracy(model, self.tokenizer, load_mc("pubmedqa", self.args.mc_limit), desc="pubmedqa")
         wiki = wiki or self.wiki_ppl(model, self.args.windows)[0]
         return {
@@ -509,8 +512,9 @@ def table(rows: dict[str, dict]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for r in compare:
-            cells = [r["variant"], str(r["layers"]), f"{r['domain_ppl']:.2f}", f"{r['pubmedqa_acc']:.3f}"]
-            cells += [f"{r['pubmedqa_acc_norm']:.3f}", f"{r['ppl_wikitext2']:.2f}", str(r.get("train_s", "-"))]
+            cells = [r["variant"], str(r["layers"]), f"{r['domain_ppl']:.2f}"]
+            cells += [f"{r[k]:.3f}" if k in r else "-" for k in ("pubmedqa_acc", "pubmedqa_acc_norm")]
+            cells += [f"{r['ppl_wikitext2']:.2f}" if "ppl_wikitext2" in r else "-", str(r.get("train_s", "-"))]
             lines.append("| " + " | ".join(cells) + " |")
     served = {r["variant"]: r for k, r in rows.items() if k.startswith("vllm-")}
     if served:
@@ -550,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kd-top-k", type=int, default=64, help="TrimLLM kd: teacher logits kept per token")
     p.add_argument("--lora-rank", type=int, default=0, help="TrimLLM: LoRA adapters of this rank (0: full training)")
     p.add_argument("--compare-k", type=int, default=8, help="compare: layers removed")
+    p.add_argument(
+        "--scores", default="all", choices=["all", "domain"], help="compare: every column, or domain ppl only"
+    )
     p.add_argument("--mc-limit", type=int, default=None, help="compare: first N PubMedQA questions (default all 500)")
     p.add_argument(
         "--compare-arms",

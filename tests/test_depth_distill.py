@@ -43,7 +43,7 @@ def test_teacher_top_k_keeps_the_largest_log_probabilities():
     assert cached.mass == pytest.approx(top.values.exp().sum(-1).mean().item(), rel=1e-5)
 
 
-def test_kd_loss_is_the_kl_divergence_and_zero_for_the_teacher_itself():
+def test_kd_loss_is_the_kl_divergence_of_top_k_plus_the_rest_and_zero_for_the_teacher():
     model = tiny_llama(layers=2, vocab_size=VOCAB)
     windows = _stream(32).view(2, 16)
     whole = teacher_top_k(model, windows, top_k=VOCAB)  # every token kept: the exact KL
@@ -53,8 +53,19 @@ def test_kd_loss_is_the_kl_divergence_and_zero_for_the_teacher_itself():
     student = F.log_softmax(other(windows[idx]).logits, dim=-1)
     teacher = F.log_softmax(model(windows[idx]).logits, dim=-1)
     plain = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    assert kd_loss(other(windows[idx]).logits, whole, idx).item() == pytest.approx(plain.item(), rel=1e-5)
+    assert kd_loss(other(windows[idx]).logits, whole, idx).item() == pytest.approx(plain.item(), rel=1e-4)
     assert plain.item() > 0.01
+    top = teacher_top_k(model, windows, top_k=4)  # the top 4 and one bucket for the other tokens
+    lumped = _lumped(teacher, top.indices[idx].long()), _lumped(student, top.indices[idx].long())
+    expected = (lumped[0].exp() * (lumped[0] - lumped[1])).sum(-1).mean()
+    assert kd_loss(other(windows[idx]).logits, top, idx).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def _lumped(logprobs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the `keep` tokens and of everything else together, written plainly."""
+    kept = logprobs.gather(-1, keep)
+    rest = torch.log(1 - kept.exp().sum(-1, keepdim=True))
+    return torch.cat([kept, rest], dim=-1)
 
 
 def test_distillation_moves_the_student_towards_the_teacher():
