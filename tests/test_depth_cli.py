@@ -170,7 +170,7 @@ def test_trimllm_on_a_users_jsonl_derives_and_prints_its_settings(tiny_dir, tmp_
     line = "The patient presented with fever, cough and elevated inflammatory markers."
     notes.write_text("".join(json.dumps({"body": f"{line} Case {i}."}) + "\n" for i in range(40)))
     out = tmp_path / "trim"
-    args = ["--method", "trimllm", "--remove", "1", "--domain", f"{notes}:body", "--seqlen", "32"]
+    args = ["--method", "trimllm", "--remove", "1", "--domain", f"{notes}:body", "--seqlen", "32", "--heal", "kd"]
     assert main(["prune", "depth", str(tiny_dir), *args, "--out", str(out)]) == 0
     stats = read_manifest(out).stats
     training, teacher = stats["training"], stats["teacher"]

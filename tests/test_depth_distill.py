@@ -24,7 +24,9 @@ from variants.build import load_teacher
 from variants.load import load_model
 
 VOCAB = 64
-CONFIG = TrimLLMConfig(remove=1, steps_per_round=4, final_steps=4, seqlen=16, heldout_windows=1, lr=3e-3, kd_top_k=8)
+CONFIG = TrimLLMConfig(
+    remove=1, heal="kd", steps_per_round=4, final_steps=4, seqlen=16, heldout_windows=1, lr=3e-3, kd_top_k=8
+)
 
 
 def _stream(n: int = 160) -> torch.Tensor:

@@ -46,7 +46,7 @@ MAX_STEPS = 320
 @dataclass(frozen=True)
 class TrimLLMConfig:
     remove: int  # layers to drop (target depth = L - remove)
-    heal: str = "kd"  # lm | kd | kd+lm: the loss of the fine-tuning between and after drops
+    heal: str = "lm"  # lm | kd | kd+lm: the loss of the fine-tuning between and after drops (lm measured best)
     trainable_fraction: float = 0.25  # most important layers that train
     train_head: bool = True  # also train the final norm and LM head (only the norm with LoRA)
     steps_per_round: int | None = None  # fine-tuning steps before each drop (None: derived)
