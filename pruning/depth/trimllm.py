@@ -139,7 +139,7 @@ def split_domain(stream: torch.Tensor, config: TrimLLMConfig) -> tuple[torch.Ten
     """(training windows (n, seqlen), held-out windows (heldout_windows, seqlen)); held-out is the tail.
 
     The training windows are fixed, so a teacher's logits for them can be computed once."""
-    config = config.resolved(stream.numel()) if config.heldout_windows is None else config
+    config = config.resolved(stream.numel())  # settings given stay as they are
     held = config.heldout_windows * config.seqlen
     if stream.numel() < held + config.seqlen:
         raise ValueError(
@@ -202,9 +202,7 @@ def prepare_training(
     adapters = None
     if config.lora_rank:
         adapters = lora_adapters(model, layers, config.lora_rank, config.lora_alpha or 2 * config.lora_rank)
-        extra = [final_norm(model)] if config.train_head else []
-        for module in extra:
-            module.requires_grad_(True)
+        final_norm(model).requires_grad_(config.train_head)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         extra = [final_norm(model), model.get_output_embeddings()] if config.train_head else []
