@@ -7,7 +7,15 @@ import torch
 
 from service.backend import SamplingParams
 from service.engine.engine import make_runner
-from service.engine.llama import SLOT_STEP, LlamaRunner, can_pack, decode_runs, unsupported_reason
+from service.engine.llama import (
+    SLOT_STEP,
+    WIDE_ROWS,
+    LlamaRunner,
+    can_pack,
+    decode_runs,
+    needs_widening,
+    unsupported_reason,
+)
 from service.engine.runner import MAX_AUTO_SLOTS, Chunk, HFRunner, kv_bytes_per_position, slots_for_memory
 from service.engine.sampling import make_generator, sample_one, top_p_filter
 from tests.tiny_models import TINY_VOCAB, tiny_llama, tiny_opt
@@ -152,6 +160,31 @@ def test_packed_fp32_weights_are_close() -> None:
     packed, plain = LlamaRunner(model, 2, 64, pack=True), LlamaRunner(model, 2, 64, pack=False)
     ids = prompts((9,), seed=10)[0]
     assert torch.allclose(packed.prefill(0, ids), plain.prefill(0, ids), atol=1e-4)
+
+
+def test_wide_bf16_products_run_in_fp32_and_round_back() -> None:
+    """The path for CPUs without bf16 instructions, forced on any CPU: products of WIDE_ROWS rows or
+    more use the fp32 copies (bf16 up to the order of the sums), smaller ones the bf16 kernel."""
+    model, twin = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    assert not (can_pack(model) and needs_widening(model))  # one path per CPU
+    wide, plain = LlamaRunner(model, 8, 64, pack=False, widen=True), LlamaRunner(model, 8, 64, pack=False, widen=False)
+    assert wide.layers[1].gate_up.wide.dtype == torch.float32 and plain.layers[1].gate_up.wide is None
+    assert LlamaRunner(twin, 2, 64, pack=False, widen=True).layers[1].gate_up.wide is wide.layers[1].gate_up.wide
+    short, long = prompts((WIDE_ROWS - 1, 2 * WIDE_ROWS), seed=11)
+
+    def oneDNN_calls(fn) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+    assert oneDNN_calls(lambda: wide.prefill(0, short)) == 0  # below WIDE_ROWS: the bf16 kernel
+    assert oneDNN_calls(lambda: wide.prefill(1, long)) == 4 * 4  # each layer's four products; the head has one row
+    assert torch.equal(wide.prefill(0, short), plain.prefill(0, short))
+    got, expected = wide.prefill(1, long), plain.prefill(1, long)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.02)
+    batch = prompts((3, 9, 5, 12, 7, 4, 10, 6), seed=12)  # decode steps of 8 rows: the fp32 products
+    assert greedy_batch(wide, batch, 4) == greedy_batch(plain, batch, 4)
 
 
 def test_a_prompt_in_chunks_equals_the_whole_prompt() -> None:

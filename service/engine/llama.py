@@ -7,9 +7,15 @@ position, and a decode step is a fixed sequence of tensor ops over the first B s
 per-step Python objects. It mirrors the Hugging Face forward op for op (RMSNorm statistics in
 fp32, rotary embeddings from the model's own module), so greedy tokens match `model.generate`.
 
-bf16 on CPU additionally keeps a oneDNN-blocked copy of each weight: PyTorch's bf16
-matrix-vector product runs at about half the speed of oneDNN's on blocked weights, and the
-results are bit-identical. This costs one more copy of the linear weights in memory.
+bf16 on a CPU with bf16 instructions (AVX-512 BF16, AMX) runs the linear layers on oneDNN-blocked
+copies of the weights: PyTorch's bf16 matrix-vector product runs at about half the speed of
+oneDNN's on blocked weights, and the results are bit-identical. A served model keeps only the
+blocked copies. A CPU without them (AVX2 only: AMD Zen 3, older Xeons) has no fast bf16 matrix
+product at all: PyTorch's falls back to a scalar loop (a 128-token prefill of the default model
+took 1.9 s). There, products of `WIDE_ROWS` rows or more run in fp32 on oneDNN-blocked fp32 copies
+of the weights, rounded back to bf16 (what a bf16 product accumulating in fp32 computes, up to the
+order of the sums), and smaller ones keep PyTorch's bf16 matrix-vector kernel, which reads half
+the bytes. That costs twice the linear weights' bf16 size in memory.
 
 A layer whose attention was replaced by nothing (a depth-pruned FFN-only block; the variant
 format knows which, `variants.noop.noop_layers`) runs only its MLP and keeps no cache.
@@ -40,8 +46,33 @@ ATTENTION_BUCKET = 64  # decode attends over the used positions rounded up to th
 RUN_COST = 256
 
 
-# blocked weight copies by (dtype, shape, content digest), alive while some runner uses them
-_PACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# On a CPU without bf16 instructions, products of this many rows or more run in fp32 (the default
+# model's decode step: 114 ms in bf16 against 139 ms in fp32 at 4 rows, 205 against 143 at 8).
+WIDE_ROWS = 6
+
+# blocked weight copies by (kind, dtype, shape, content digest), alive while some runner uses them
+_BLOCKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _blocked(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A blocked copy of `weight` for one kernel: "onednn" (bf16), "mkl" (fp32) or "onednn-fp32"
+    (a bf16 weight widened to fp32, blocked for products of 16 rows).
+
+    Copies are shared by content across the process: a variant serves beside its base model, and
+    the layers it did not change (most of a depth variant's) are then held once.
+    """
+    w = weight.detach().contiguous()
+    key = (kind, w.dtype, tuple(w.shape), hashlib.blake2b(w.view(torch.uint8).numpy()).digest())
+    blocked = _BLOCKED.get(key)
+    if blocked is None:
+        if kind == "onednn":
+            blocked = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        elif kind == "mkl":
+            blocked = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
+        else:
+            blocked = torch.ops.mkldnn._reorder_linear_weight(w.float(), 16)
+        _BLOCKED[key] = blocked
+    return blocked
 
 
 @dataclass(frozen=True)
@@ -49,33 +80,28 @@ class _Linear:
     weight: torch.Tensor | None  # None once released: a bf16 blocked copy alone is enough
     bias: torch.Tensor | None
     packed: torch.Tensor | None = None  # blocked copy of `weight` (oneDNN for bf16, MKL for fp32)
+    wide: torch.Tensor | None = None  # fp32 blocked copy of a bf16 `weight`, for products of WIDE_ROWS rows
 
     @classmethod
     def of(cls, module: nn.Linear) -> _Linear:
         return cls(module.weight, module.bias)
 
     def pack(self) -> _Linear:
-        """This linear with a blocked weight copy (oneDNN for bf16, MKL for fp32).
+        """This linear with a blocked weight copy (oneDNN for bf16, MKL for fp32)."""
+        return replace(self, packed=_blocked(self.weight, "onednn" if self.weight.dtype == torch.bfloat16 else "mkl"))
 
-        Copies are shared by content across the process: a variant serves beside its base model, and
-        the layers it did not change (most of a depth variant's) are then held once.
-        """
-        w = self.weight.detach().contiguous()
-        key = (w.dtype, tuple(w.shape), hashlib.blake2b(w.view(torch.uint8).numpy()).digest())
-        packed = _PACKED.get(key)
-        if packed is None:
-            if w.dtype == torch.bfloat16:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            else:
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
-            _PACKED[key] = packed
-        return _Linear(self.weight, self.bias, packed)
+    def widen(self) -> _Linear:
+        """This bf16 linear with an fp32 blocked copy for wide products (a CPU without bf16 instructions)."""
+        return replace(self, wide=_blocked(self.weight, "onednn-fp32"))
 
     def released(self) -> _Linear:
         """Without its plain weight, when the blocked copy is all the bf16 kernel needs."""
         return replace(self, weight=None) if self.packed is not None and self.packed.dtype == torch.bfloat16 else self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide is not None and x.numel() >= WIDE_ROWS * x.shape[-1]:
+            bias = None if self.bias is None else self.bias.float()
+            return torch.ops.mkldnn._linear_pointwise(x.float(), self.wide, bias, "none", [], "").to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if self.packed.dtype == torch.bfloat16:
@@ -85,12 +111,16 @@ class _Linear:
 
 def can_pack(model: PreTrainedModel) -> bool:
     """Whether oneDNN blocked bf16 weights apply: bf16 weights on a CPU with bf16 support."""
-    return (
-        model.device.type == "cpu"
-        and model.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    return _bf16_on_cpu(model) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def needs_widening(model: PreTrainedModel) -> bool:
+    """Whether wide products run in fp32: bf16 weights on a CPU without bf16 instructions."""
+    return _bf16_on_cpu(model) and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _bf16_on_cpu(model: PreTrainedModel) -> bool:
+    return model.device.type == "cpu" and model.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 @dataclass(frozen=True)
@@ -241,7 +271,13 @@ class LlamaRunner(StepShortcuts):
     """Batched decode and chunked prefill for a Llama-family model over `max_slots` cache slots."""
 
     def __init__(
-        self, model: PreTrainedModel, max_slots: int, max_seq: int, pack: bool | None = None, release: bool = False
+        self,
+        model: PreTrainedModel,
+        max_slots: int,
+        max_seq: int,
+        pack: bool | None = None,
+        release: bool = False,
+        widen: bool | None = None,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -273,6 +309,9 @@ class LlamaRunner(StepShortcuts):
         if self.packed:
             self.layers = [_each_linear(layer, _Linear.pack) for layer in self.layers]
             self.lm_head = self.lm_head.pack()
+        if needs_widening(model) if widen is None else widen:
+            self.layers = [_each_linear(layer, _Linear.widen) for layer in self.layers]
+            self.lm_head = self.lm_head.widen()
         if release and self.packed and self.dtype == torch.bfloat16:
             self.layers = [_each_linear(layer, _Linear.released) for layer in self.layers]
             if self.lm_head.weight is not self.embed:
