@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -224,11 +225,16 @@ def test_shutdown_finishes_in_flight_then_refuses(model) -> None:
     async def main():
         engine = make_engine(model)
         await engine.start()
+        # The grace is sized from this machine's speed: five times what `short` takes alone, far
+        # less than the hundreds of steps `stuck` asks for.
+        started = time.perf_counter()
+        await collect(engine, prompt, GREEDY, "timing")
+        grace = 5 * (time.perf_counter() - started)
         short = asyncio.create_task(collect(engine, prompt, GREEDY, "short"))
         stuck = engine.generate(prompt, SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True), "stuck")
         await anext(stuck)
         await asyncio.sleep(0)
-        await engine.shutdown(0.1)  # `short` finishes in time; `stuck` is still reading slowly
+        await engine.shutdown(grace)  # `short` finishes in time; `stuck` is still reading slowly
         with pytest.raises(Unavailable):
             async for _ in stuck:
                 pass

@@ -268,7 +268,12 @@ def release_linear_weights(model: PreTrainedModel) -> None:
 
 
 class LlamaRunner(StepShortcuts):
-    """Batched decode and chunked prefill for a Llama-family model over `max_slots` cache slots."""
+    """Batched decode and chunked prefill for a Llama-family model over `max_slots` cache slots.
+
+    `pack` and `widen` (default: what this CPU calls for, `can_pack` and `needs_widening`) choose
+    the kernels of the linear layers; `release` frees the model's plain weights where the blocked
+    bf16 copies replace them.
+    """
 
     def __init__(
         self,
