@@ -18,7 +18,7 @@ from service.engine.llama import (
 )
 from service.engine.runner import MAX_AUTO_SLOTS, Chunk, HFRunner, kv_bytes_per_position, slots_for_memory
 from service.engine.sampling import make_generator, sample_one, top_p_filter
-from tests.tiny_models import TINY_VOCAB, tiny_llama, tiny_opt
+from tests.tiny_models import TINY_VOCAB, tiny_llama, tiny_opt, tiny_qwen2
 
 
 def reference(model, prompt: list[int], n: int) -> list[int]:
@@ -185,6 +185,10 @@ def test_wide_bf16_products_run_in_fp32_and_round_back() -> None:
     assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.02)
     batch = prompts((3, 9, 5, 12, 7, 4, 10, 6), seed=12)  # decode steps of 8 rows: the fp32 products
     assert greedy_batch(wide, batch, 4) == greedy_batch(plain, batch, 4)
+    qwen = tiny_qwen2().to(torch.bfloat16)  # q/k/v with biases, added in fp32 on this path
+    got = LlamaRunner(qwen, 2, 64, pack=False, widen=True).prefill(0, long)
+    expected = LlamaRunner(qwen, 2, 64, pack=False, widen=False).prefill(0, long)
+    assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.02)
 
 
 def test_a_prompt_in_chunks_equals_the_whole_prompt() -> None:

@@ -81,6 +81,7 @@ class _Linear:
     bias: torch.Tensor | None
     packed: torch.Tensor | None = None  # blocked copy of `weight` (oneDNN for bf16, MKL for fp32)
     wide: torch.Tensor | None = None  # fp32 blocked copy of a bf16 `weight`, for products of WIDE_ROWS rows
+    wide_bias: torch.Tensor | None = None  # `bias` in fp32, for those products
 
     @classmethod
     def of(cls, module: nn.Linear) -> _Linear:
@@ -92,7 +93,8 @@ class _Linear:
 
     def widen(self) -> _Linear:
         """This bf16 linear with an fp32 blocked copy for wide products (a CPU without bf16 instructions)."""
-        return replace(self, wide=_blocked(self.weight, "onednn-fp32"))
+        bias = None if self.bias is None else self.bias.detach().float()
+        return replace(self, wide=_blocked(self.weight, "onednn-fp32"), wide_bias=bias)
 
     def released(self) -> _Linear:
         """Without its plain weight, when the blocked copy is all the bf16 kernel needs."""
@@ -100,8 +102,7 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.wide is not None and x.numel() >= WIDE_ROWS * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.float()
-            return torch.ops.mkldnn._linear_pointwise(x.float(), self.wide, bias, "none", [], "").to(x.dtype)
+            return torch.ops.mkldnn._linear_pointwise(x.float(), self.wide, self.wide_bias, "none", [], "").to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if self.packed.dtype == torch.bfloat16:
@@ -314,7 +315,8 @@ class LlamaRunner(StepShortcuts):
         if self.packed:
             self.layers = [_each_linear(layer, _Linear.pack) for layer in self.layers]
             self.lm_head = self.lm_head.pack()
-        if needs_widening(model) if widen is None else widen:
+        widened = needs_widening(model) if widen is None else widen
+        if widened:
             self.layers = [_each_linear(layer, _Linear.widen) for layer in self.layers]
             self.lm_head = self.lm_head.widen()
         if release and self.packed and self.dtype == torch.bfloat16:
