@@ -6,12 +6,13 @@
 # /data/variants, or let the server fetch the default model into the volume at first start.
 ARG DEVICE=gpu
 
-# CUDA runtime with the PyTorch CUDA build (the wheel brings its own cuBLAS/cuDNN).
+# CUDA runtime with the PyTorch CUDA build (the wheel brings its own cuBLAS/cuDNN). `serve
+# --compile-decode` builds kernels at start-up: Triton's launchers need a C compiler and Python's headers.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS base-gpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
@@ -19,10 +20,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRIMSERVE_DTYPE=bf16
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
-# Plain Python with the PyTorch CPU build.
+# Plain Python with the PyTorch CPU build, and the C++ compiler `serve --compile-decode` needs.
 FROM python:3.12-slim-bookworm AS base-cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     TRIMSERVE_DEVICE=cpu \
@@ -49,6 +53,7 @@ ENV TRIMSERVE_HOST=0.0.0.0 \
     TRIMSERVE_PORT=8000 \
     TRIMSERVE_CACHE=/data \
     HF_HOME=/data/hf \
+    TORCHINDUCTOR_CACHE_DIR=/data/inductor \
     PYTHONUNBUFFERED=1
 VOLUME ["/data"]
 EXPOSE 8000

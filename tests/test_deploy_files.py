@@ -116,6 +116,7 @@ def test_image_has_gpu_and_cpu_bases_selected_by_device_arg(dockerfile) -> None:
         assert index in torch_index
         assert any("torch==${TORCH_VERSION}" in r and "${TORCH_INDEX}" in r for r in stage.args("RUN"))
         assert stage.env()["TRIMSERVE_DEVICE"] == device
+        assert any("g++" in r for r in stage.args("RUN"))  # `serve --compile-decode` builds kernels
     assert gpu.env()["TRIMSERVE_DTYPE"] in ("bf16", "fp16")
     # The torch pinned in the image is the one the Makefile and the docs use.
     assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
@@ -144,6 +145,7 @@ def test_runtime_port_healthcheck_volume_and_env_config(dockerfile) -> None:
     assert runtime.args("EXPOSE") == [str(PORT)] and env["TRIMSERVE_PORT"] == str(PORT)
     assert env["TRIMSERVE_HOST"] == "0.0.0.0"
     assert json.loads(runtime.args("VOLUME")[0]) == [env["TRIMSERVE_CACHE"]] == ["/data"]
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/data/")  # compiled kernels in the volume, not /tmp
     (health,) = runtime.args("HEALTHCHECK")
     assert "/health" in health and "TRIMSERVE_PORT" in health and re.search(r"--start-period=\d+s", health)
     # Every TRIMSERVE_* variable the image sets is a server setting (or the cache location).

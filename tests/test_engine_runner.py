@@ -191,6 +191,45 @@ def test_wide_bf16_products_run_in_fp32_and_round_back() -> None:
     assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.02)
 
 
+def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
+    """`compiled`: decode steps of one request (slot 0) run one compiled function, compiled once for
+    every attended length, cache capacity and slot count; other steps stay eager."""
+    model = tiny_llama()
+    runner = LlamaRunner(model, 20, 512, compiled=True)
+    prompt, other = prompts((200, 6), seed=30)
+    expected = reference(model, prompt, 80)  # position 280: the cache grows past its first capacity
+
+    def compiled_calls(fn) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key.startswith("Torch-Compiled Region"))
+
+    out = [int(runner.prefill(0, prompt).argmax())]
+
+    def decode_one() -> None:
+        out.append(int(runner.decode(torch.tensor([out[-1]]), torch.tensor([len(prompt) + len(out) - 1])).argmax()))
+
+    assert compiled_calls(decode_one) == 1  # the first compile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert compiled_calls(lambda: runner.prefill(12, other)) == 0  # a prompt: eager (and 8 more slots)
+        two = (torch.tensor([out[-1], 7]), torch.tensor([len(prompt) + len(out) - 1, 6]))
+        assert compiled_calls(lambda: runner.decode(*two)) == 0  # two requests: eager
+        assert compiled_calls(lambda: runner.decode(torch.tensor([7]), torch.tensor([6]), first=12)) == 0
+        capacity = runner.capacity
+        with torch.inference_mode():  # as the engine calls it
+            assert compiled_calls(decode_one) == 1
+        while len(out) < len(expected):
+            assert compiled_calls(decode_one) == 1
+    assert runner.capacity > capacity and runner.slots == 16
+    assert out == expected
+
+
+def test_a_compiled_decode_step_without_a_cpp_compiler_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        LlamaRunner(tiny_llama(), 2, 64, compiled=True)
+
+
 def test_a_prompt_in_chunks_equals_the_whole_prompt() -> None:
     model = tiny_llama()
     runner = LlamaRunner(model, 2, 128)
@@ -294,6 +333,29 @@ def test_a_runner_that_owns_its_bf16_model_frees_the_plain_weights() -> None:
     assert torch.equal(owner.decode(*step), keeper.decode(*step))
     assert torch.equal(owner.logits(ids, 3), keeper.logits(ids, 3))
     assert sum(m.weight.numel() for m in twin.modules() if isinstance(m, torch.nn.Linear)) > 0  # not asked: kept
+
+
+def test_owning_runners_hold_a_variants_unchanged_weights_once() -> None:
+    base, variant, twin = tiny_llama(), tiny_llama(), tiny_llama()  # fp32: plain weights on any CPU
+    with torch.no_grad():
+        for model in (variant, twin):
+            model.model.layers[2].mlp.down_proj.weight.mul_(0.5)
+    ids = torch.tensor([prompts((7,), seed=26)[0]])
+    with torch.no_grad():
+        expected = variant(ids).logits
+    a, b = LlamaRunner(base, 2, 64, release=True), LlamaRunner(variant, 2, 64, release=True)
+    assert a.layers[2].qkv.weight is b.layers[2].qkv.weight and a.layers[0].down.weight is b.layers[0].down.weight
+    assert a.layers[2].down.weight is not b.layers[2].down.weight
+    assert (
+        variant.model.layers[0].self_attn.q_proj.weight.data_ptr()
+        == base.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    )
+    assert a.embed is b.embed is variant.model.embed_tokens.weight is variant.lm_head.weight  # the tie kept
+    with torch.no_grad():
+        assert torch.equal(variant(ids).logits, expected)  # the model itself still runs, unchanged
+    alone = LlamaRunner(twin, 2, 64)  # not owned: left alone
+    assert alone.layers[0].down.weight is not a.layers[0].down.weight
+    assert torch.equal(b.prefill(0, ids[0].tolist()), alone.prefill(0, ids[0].tolist()))
 
 
 def test_variants_share_the_blocked_copies_of_the_layers_they_did_not_change() -> None:

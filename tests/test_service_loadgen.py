@@ -168,6 +168,8 @@ def test_serve_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> N
     assert [m.name for m in settings.models] == ["full", "d8"] and settings.dtype == "bf16"
     assert settings.ab == {"exp": {"full": 3, "d8": 1}}
     assert settings.api_key.get_secret_value() == "from-env" and settings.max_queue == 7
+    assert not settings.engine_config().compile_decode
+    assert serve_settings(build_parser().parse_args([*argv, "--compile-decode"])).engine_config().compile_decode
 
 
 @pytest.mark.parametrize(

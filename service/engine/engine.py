@@ -79,15 +79,22 @@ class _Request:
 
 
 def make_runner(
-    model: PreTrainedModel, max_slots: int, max_seq: int, fast: bool = True, release: bool = False
+    model: PreTrainedModel,
+    max_slots: int,
+    max_seq: int,
+    fast: bool = True,
+    release: bool = False,
+    compiled: bool = False,
 ) -> Runner:
     """The compact runner when the architecture allows it (and `fast`), else the generic one.
 
-    `release`: the runner owns the model and may free its weights that it keeps in another layout.
+    `release`: the runner owns the model, which nothing else changes: it may free the weights it keeps
+    in another layout and point the others at equal ones already held (`LlamaRunner`).
+    `compiled`: the compact runner compiles its decode step for one request (the generic one ignores it).
     """
     reason = unsupported_reason(model) if fast else "fast path disabled"
     if reason is None:
-        return LlamaRunner(model, max_slots, max_seq, release=release)
+        return LlamaRunner(model, max_slots, max_seq, release=release, compiled=compiled)
     log.info("generic runner for %s: %s", model.config.model_type, reason)
     return HFRunner(model, max_slots, max_seq)
 
@@ -120,8 +127,10 @@ class LLMEngine:
         self.device = model.device
         max_seq = config.max_prompt_tokens + config.max_tokens
         slots = config.max_batch_size or slots_for_memory(model, max_seq, config.kv_cache_bytes)
-        release = config.release_model_weights
-        self.runner = run_sync(self.device, lambda: make_runner(model, slots, max_seq, release=release))
+        release, compiled = config.release_model_weights, config.compile_decode
+        self.runner = run_sync(
+            self.device, lambda: make_runner(model, slots, max_seq, release=release, compiled=compiled)
+        )
         run_sync(self.device, trim_heap)
         log.info("engine %s: %d batch slots of %d positions", name, self.runner.max_slots, self.runner.max_seq)
         self.observer = observer

@@ -52,6 +52,30 @@ WIDE_ROWS = 6
 
 # blocked weight copies by (kind, dtype, shape, content digest), alive while some runner uses them
 _BLOCKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# plain weights of the models runners own, by (dtype, shape, content digest)
+_PLAIN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _content_key(weight: torch.Tensor) -> tuple:
+    w = weight.detach().contiguous()
+    return (w.dtype, tuple(w.shape), hashlib.blake2b(w.view(torch.uint8).numpy()).digest())
+
+
+def _shared(weight: torch.Tensor) -> torch.Tensor:
+    """The process's tensor with `weight`'s content: `weight` itself unless an equal one is held.
+
+    A variant serves beside its base model: the weights it did not change (a depth variant's
+    layers, every variant's embeddings) are then held once.
+    """
+    return _PLAIN.setdefault(_content_key(weight), weight)
+
+
+def _share_parameter(module: nn.Module, name: str) -> None:
+    """Point `module.<name>` at the process's tensor of equal content (`_shared`)."""
+    param = getattr(module, name)
+    shared = _shared(param)
+    if shared is not param:
+        setattr(module, name, shared if isinstance(shared, nn.Parameter) else nn.Parameter(shared, requires_grad=False))
 
 
 def _blocked(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -62,7 +86,7 @@ def _blocked(weight: torch.Tensor, kind: str) -> torch.Tensor:
     the layers it did not change (most of a depth variant's) are then held once.
     """
     w = weight.detach().contiguous()
-    key = (kind, w.dtype, tuple(w.shape), hashlib.blake2b(w.view(torch.uint8).numpy()).digest())
+    key = (kind, *_content_key(w))
     blocked = _BLOCKED.get(key)
     if blocked is None:
         if kind == "onednn":
@@ -84,7 +108,10 @@ class _Linear:
     wide_bias: torch.Tensor | None = None  # `bias` in fp32, for those products
 
     @classmethod
-    def of(cls, module: nn.Linear) -> _Linear:
+    def of(cls, module: nn.Linear, share: bool = False) -> _Linear:
+        """`module`'s weights; with `share`, its weight is first pointed at an equal one held (`_shared`)."""
+        if share:
+            _share_parameter(module, "weight")
         return cls(module.weight, module.bias)
 
     def pack(self) -> _Linear:
@@ -139,13 +166,15 @@ class _Norm:
         return self.weight * h.to(x.dtype)
 
 
-def _fuse(modules: list[nn.Linear]) -> _Linear:
-    """One linear computing `modules` side by side; their weights become views of the fused weight.
+def _fuse(modules: list[nn.Linear], share: bool = False) -> _Linear:
+    """One linear computing `modules` side by side; their weights become views of the fused weight
+    (with `share`: of an equal fused weight already held, `_shared`).
 
     The model keeps working (and uses no extra memory): each module's parameter now points
     into the fused tensor. Biases are fused too when every module has one.
     """
     weight = torch.cat([m.weight.detach() for m in modules])
+    weight = _shared(weight) if share else weight
     with_bias = all(m.bias is not None for m in modules)
     bias = torch.cat([m.bias.detach() for m in modules]) if with_bias else None
     start = 0
@@ -194,16 +223,16 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
-def _layer(layer: nn.Module, attention_free: bool) -> _Layer:
+def _layer(layer: nn.Module, attention_free: bool, share: bool) -> _Layer:
     attn = None if attention_free else layer.self_attn
     mlp = layer.mlp
     return _Layer(
         attn_norm=_Norm.of(layer.input_layernorm) if attn is not None else None,
-        qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]) if attn is not None else None,
-        o=_Linear.of(attn.o_proj) if attn is not None else None,
+        qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj], share) if attn is not None else None,
+        o=_Linear.of(attn.o_proj, share) if attn is not None else None,
         mlp_norm=_Norm.of(layer.post_attention_layernorm),
-        gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
-        down=_Linear.of(mlp.down_proj),
+        gate_up=_fuse([mlp.gate_proj, mlp.up_proj], share),
+        down=_Linear.of(mlp.down_proj, share),
         act=F.silu if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") else mlp.act_fn,
     )
 
@@ -268,12 +297,26 @@ def release_linear_weights(model: PreTrainedModel) -> None:
             module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
 
 
+def _compile(layers: Callable, device: torch.device) -> Callable:
+    """`layers` compiled for decode steps of one request, rounding as eager does (bf16 included)."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as err:  # Inductor's own search: $CXX, else g++
+            raise ValueError(f"a compiled decode step on CPU needs a C++ compiler: {err}") from None
+    return torch.compile(layers, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+
+
 class LlamaRunner(StepShortcuts):
     """Batched decode and chunked prefill for a Llama-family model over `max_slots` cache slots.
 
     `pack` and `widen` (default: what this CPU calls for, `can_pack` and `needs_widening`) choose
-    the kernels of the linear layers; `release` frees the model's plain weights where the blocked
-    bf16 copies replace them.
+    the kernels of the linear layers. `release`: the runner owns the model, which nothing else
+    changes: it frees the model's plain weights where the blocked bf16 copies replace them, and
+    points the others at equal ones another owning runner holds (a variant's unchanged layers and
+    embeddings). `compiled` compiles the decode step of a single request.
     """
 
     def __init__(
@@ -284,6 +327,7 @@ class LlamaRunner(StepShortcuts):
         pack: bool | None = None,
         release: bool = False,
         widen: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -301,14 +345,20 @@ class LlamaRunner(StepShortcuts):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         inner = model.model
+        if release:  # an owned model's weights are pointed at equal ones held already (`_shared`)
+            tied = model.lm_head.weight is inner.embed_tokens.weight
+            _share_parameter(inner.embed_tokens, "weight")
+            if tied:
+                model.lm_head.weight = inner.embed_tokens.weight
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         attention_free = set(noop_layers(model))
         self.layers = [
-            _layer(layer, i in attention_free) for i, layer in enumerate(inner.layers[: config.num_hidden_layers])
+            _layer(layer, i in attention_free, release)
+            for i, layer in enumerate(inner.layers[: config.num_hidden_layers])
         ]
         self.norm = _Norm.of(inner.norm)
-        self.lm_head = _Linear.of(model.lm_head)
+        self.lm_head = _Linear.of(model.lm_head, release)
         # bf16 on CPU: PyTorch's own bf16 matrix-vector product reaches about half the bandwidth
         # of oneDNN's with pre-blocked weights. The blocked copies cost one more copy of the weights.
         self.packed = can_pack(model) if pack is None else pack
@@ -324,13 +374,21 @@ class LlamaRunner(StepShortcuts):
             if self.lm_head.weight is not self.embed:
                 self.lm_head = self.lm_head.released()
             release_linear_weights(model)
+        # Opt-in (`compiled`): decode steps of one request run all layers as one compiled function.
+        # Eager, such a step dispatches about 4,900 small ops, which take as long as reading the
+        # weights; Inductor fuses them. It compiles on the first such step (minutes on 2 cores).
+        self._compiled_decode = _compile(self._layers, self.device) if compiled else None
+        # It would be specialised on whether the positions attended reach the cache's capacity: with
+        # one attention bucket of headroom they never do.
+        self.headroom = ATTENTION_BUCKET if compiled else 0
         self.capacity = 0
         self.slots = 0  # slots the cache holds now (it grows to max_slots as load needs them)
         self.k_cache: list[torch.Tensor | None] = []
         self.v_cache: list[torch.Tensor | None] = []
-        self._grow(min(CAPACITY_STEP, self.max_seq), 1)
+        with torch.inference_mode():  # as when a step grows it: a compiled step sees one kind of tensor
+            self._grow(min(CAPACITY_STEP, self.max_seq), 1)
         self.slot_ids = torch.arange(max_slots, device=self.device)
-        self.positions = torch.arange(self.max_seq, device=self.device)
+        self.positions = torch.arange(self.max_seq + self.headroom, device=self.device)
 
     @property
     def cache_bytes(self) -> int:
@@ -338,14 +396,15 @@ class LlamaRunner(StepShortcuts):
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache) if t is not None)
 
     def _grow(self, positions: int, slots: int) -> None:
-        """Make the cache hold at least `positions` positions in `slots` slots (copying what it holds)."""
-        if positions <= self.capacity and slots <= self.slots:
+        """Make the cache hold at least `positions` positions (and its headroom) in `slots` slots,
+        copying what it holds."""
+        if positions + self.headroom <= self.capacity and slots <= self.slots:
             return
         if positions > self.max_seq:
             raise ValueError(f"{positions} positions exceed the cache limit of {self.max_seq}")
         if slots > self.max_slots:
             raise ValueError(f"slot {slots - 1} is beyond the {self.max_slots} slots")
-        capacity = max(self.capacity, min(self.max_seq, -(-positions // CAPACITY_STEP) * CAPACITY_STEP))
+        capacity = max(self.capacity, min(self.max_seq, -(-positions // CAPACITY_STEP) * CAPACITY_STEP) + self.headroom)
         held = max(self.slots, min(self.max_slots, -(-slots // SLOT_STEP) * SLOT_STEP))
         shape = (held, self.n_kv_heads, capacity, self.head_dim)
         k_cache, v_cache = [], []
@@ -356,6 +415,9 @@ class LlamaRunner(StepShortcuts):
                 continue
             k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            for t in (k, v):  # the compiled step must not be specialised to the cache's size
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 2)
             if self.capacity:
                 k[: self.slots, :, : self.capacity] = self.k_cache[i]
                 v[: self.slots, :, : self.capacity] = self.v_cache[i]
@@ -390,6 +452,21 @@ class LlamaRunner(StepShortcuts):
         x = F.embedding(torch.cat([tokens.to(self.device), ids]), self.embed).unsqueeze(0)  # (1, N, hidden)
         cos, sin = self.rotary(x, at.unsqueeze(0))
         runs = [self._decode_run(first, positions, i, j, L) for i, j, L in decode_runs((positions + 1).tolist())]
+        alone = self._compiled_decode is not None and B == 1 and first == 0 and not chunks  # one request decoding
+        x = (self._compiled_decode if alone else self._layers)(x, cos, sin, B, runs, chunks)
+        last = list(range(B)) + [B + end - 1 for end in itertools.accumulate(len(c.ids) for c in chunks)]
+        return self.lm_head(self.norm(x[0, last]))
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        B: int,
+        runs: list[_DecodeRun],
+        chunks: Sequence[Chunk],
+    ) -> torch.Tensor:
+        """Every layer over the step's N tokens: B decoding rows (attending in `runs`), then the chunks."""
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             if layer.qkv is not None:
                 q, k, v = self._qkv(layer, x, cos, sin)  # (1, heads, N, head_dim)
@@ -404,16 +481,16 @@ class LlamaRunner(StepShortcuts):
                     offset += n
                 x = x + layer.o(torch.cat(parts).unsqueeze(0))
             x = self._mlp(layer, x)
-        last = list(range(B)) + [B + end - 1 for end in itertools.accumulate(len(c.ids) for c in chunks)]
-        return self.lm_head(self.norm(x[0, last]))
+        return x
 
     def _decode_run(self, first: int, positions: torch.Tensor, i: int, j: int, L: int) -> _DecodeRun:
         """Rows i..j-1 of the decode batch, attending over L cache positions (a -inf bias beyond each row's own)."""
         L = min(L, self.capacity)
-        at = positions[i:j].to(self.device)
+        at = positions[i:j].to(self.device, copy=True)  # an inference tensor whoever calls: one kind to compile for
         visible = self.positions[:L].unsqueeze(0) <= at.unsqueeze(1)  # (rows, L)
         bias = torch.zeros(j - i, 1, 1, L, dtype=torch.float32, device=self.device)
         bias.masked_fill_(~visible.view(j - i, 1, 1, L), float("-inf"))
+        torch._dynamo.maybe_mark_dynamic(bias, 3)  # nor to the positions attended
         return _DecodeRun(i, j, slice(first + i, first + j), at, bias)
 
     def _decode_attention(

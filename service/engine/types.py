@@ -16,9 +16,14 @@ class EngineConfig:
     max_batch_size: int | None = None  # requests decoded together; None: as many as kv_cache_bytes holds
     kv_cache_bytes: int | None = None  # what the slots may take at full context; None: 1/4 of free memory
     prefill_tokens_per_step: int = 256  # prompt tokens per step: bounds the stall a burst of arrivals causes
-    # The engine owns its model and may free the model's weights it keeps in a faster layout (the
-    # server's engines do; a caller that still runs the model itself, as tests do, must not ask).
+    # The engine owns its model, which nothing else changes: it may free the model's weights it keeps
+    # in a faster layout and share the rest with other engines' equal weights (the server's engines
+    # do; a caller that still runs or changes the model itself, as tests do, must not ask).
     release_model_weights: bool = False
+    # Compile the decode step of a single request (Llama-family models): faster at concurrency 1,
+    # at the price of compiling at start-up (minutes on a small CPU) and greedy tokens equal only up
+    # to exact bf16 ties, as against `model.generate`.
+    compile_decode: bool = False
     max_queue: int = 64  # requests in flight beyond the batch slots get Overloaded (HTTP 429)
     max_prompt_tokens: int = 2048  # longer prompts get InvalidRequest (HTTP 400)
     max_tokens: int = 1024  # cap on SamplingParams.max_tokens (HTTP 400 beyond)

@@ -19,6 +19,7 @@ SERVE_FLAGS = {
     "max_batch_size": "max_batch_size",
     "kv_cache_gib": "kv_cache_gib",
     "prefill_tokens_per_step": "prefill_tokens_per_step",
+    "compile_decode": "compile_decode",
     "max_queue": "max_queue",
     "max_prompt_tokens": "max_prompt_tokens",
     "max_tokens": "max_tokens",
@@ -70,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--prefill-tokens-per-step",
         type=int,
         help="prompt tokens prefilled per engine step; longer prompts are chunked",
+    )
+    serve.add_argument(
+        "--compile-decode",
+        action="store_true",
+        default=None,
+        help="compile each in-process model's decode step for one request: faster at concurrency 1, "
+        "minutes of compiling at start-up (needs a C++ compiler on CPU)",
     )
     serve.add_argument("--max-queue", type=int)
     serve.add_argument("--max-prompt-tokens", type=int)
