@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._inductor.config
 
 from service.backend import SamplingParams
 from service.engine.engine import make_runner
@@ -216,8 +217,9 @@ def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
         assert compiled_calls(lambda: runner.decode(*two)) == 0  # two requests: eager
         assert compiled_calls(lambda: runner.decode(torch.tensor([7]), torch.tensor([6]), first=12)) == 0
         capacity = runner.capacity
-        with torch.inference_mode():  # as the engine calls it
-            assert compiled_calls(decode_one) == 1
+        with torch.inference_mode():  # as the engine calls it: in inference mode, with a list of chunks
+            step = (torch.tensor([out[-1]]), torch.tensor([len(prompt) + len(out) - 1]), [])
+            assert compiled_calls(lambda: out.append(int(runner.step(*step).argmax()))) == 1
         while len(out) < len(expected):
             assert compiled_calls(decode_one) == 1
     assert runner.capacity > capacity and runner.slots == 16

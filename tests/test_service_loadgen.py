@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch._inductor.config
 
 from service.app import create_app
 from service.settings import Settings
@@ -187,6 +188,16 @@ def test_serve_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> N
 def test_serve_rejects_bad_configuration(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     assert "trimserve: error:" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_compiled_decode_step_it_cannot_build_before_loading(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    assert main(["serve", "--model", "full=smollm2-135m", "--compile-decode"]) == 2
+    err = capsys.readouterr().err
+    assert "trimserve: error: variant 'full': a compiled decode step on CPU needs a C++ compiler" in err
+    assert "Traceback" not in err
 
 
 def test_429s_are_retried_after_their_retry_after_when_asked() -> None:

@@ -31,6 +31,7 @@ from service.backend import (
 )
 from service.engine.compute import run_async
 from service.engine.engine import LLMEngine
+from service.engine.llama import compile_unavailable
 from service.engine.runner import Runner
 from service.engine.types import EngineConfig
 from service.textstream import IncrementalDetokenizer, StopMatcher
@@ -64,7 +65,8 @@ class NativeBackend:
         self.created = int(time.time())
 
     async def check(self) -> None:
-        """The source is something this server can load: not a URL of another kind, not a missing path."""
+        """The source is something this server can load: not a URL of another kind, not a missing path;
+        a compiled decode step, if asked for, can be built here."""
         source = self.source
         if "://" in source:
             raise ValueError(
@@ -72,6 +74,10 @@ class NativeBackend:
             )
         if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
             raise ValueError(f"variant {self.name!r}: {source}: no such file or directory")
+        if self.config.compile_decode:
+            problem = compile_unavailable(resolve_device(self.device))
+            if problem is not None:
+                raise ValueError(f"variant {self.name!r}: {problem}")
 
     async def start(self) -> None:
         # Loading runs on the device's compute thread: all torch work for a device stays on one thread.

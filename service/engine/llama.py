@@ -50,15 +50,16 @@ RUN_COST = 256
 # model's decode step: 114 ms in bf16 against 139 ms in fp32 at 4 rows, 205 against 143 at 8).
 WIDE_ROWS = 6
 
-# blocked weight copies by (kind, dtype, shape, content digest), alive while some runner uses them
+# blocked weight copies by (kind, device, dtype, shape, content digest), alive while some runner uses them
 _BLOCKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-# plain weights of the models runners own, by (dtype, shape, content digest)
+# plain weights of the models runners own, by (device, dtype, shape, content digest)
 _PLAIN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _content_key(weight: torch.Tensor) -> tuple:
     w = weight.detach().contiguous()
-    return (w.dtype, tuple(w.shape), hashlib.blake2b(w.view(torch.uint8).numpy()).digest())
+    digest = hashlib.blake2b(w.view(torch.uint8).cpu().numpy()).digest()  # a GPU weight is read back once
+    return (w.device, w.dtype, tuple(w.shape), digest)
 
 
 def _shared(weight: torch.Tensor) -> torch.Tensor:
@@ -297,15 +298,24 @@ def release_linear_weights(model: PreTrainedModel) -> None:
             module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why a decode step cannot be compiled for `device` on this host, or None if it can."""
+    if device.type != "cpu":
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # Inductor's own search: $CXX, else g++
+        return f"a compiled decode step on CPU needs a C++ compiler: {err}"
+    return None
+
+
 def _compile(layers: Callable, device: torch.device) -> Callable:
     """`layers` compiled for decode steps of one request, rounding as eager does (bf16 included)."""
-    if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        try:
-            get_cpp_compiler()
-        except Exception as err:  # Inductor's own search: $CXX, else g++
-            raise ValueError(f"a compiled decode step on CPU needs a C++ compiler: {err}") from None
+    problem = compile_unavailable(device)
+    if problem is not None:
+        raise ValueError(problem)
     return torch.compile(layers, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
 
 
@@ -452,8 +462,10 @@ class LlamaRunner(StepShortcuts):
         x = F.embedding(torch.cat([tokens.to(self.device), ids]), self.embed).unsqueeze(0)  # (1, N, hidden)
         cos, sin = self.rotary(x, at.unsqueeze(0))
         runs = [self._decode_run(first, positions, i, j, L) for i, j, L in decode_runs((positions + 1).tolist())]
-        alone = self._compiled_decode is not None and B == 1 and first == 0 and not chunks  # one request decoding
-        x = (self._compiled_decode if alone else self._layers)(x, cos, sin, B, runs, chunks)
+        if self._compiled_decode is not None and B == 1 and first == 0 and not chunks:  # one request decoding
+            x = self._compiled_decode(x, cos, sin, B, runs, ())  # always a tuple: its type is guarded on
+        else:
+            x = self._layers(x, cos, sin, B, runs, chunks)
         last = list(range(B)) + [B + end - 1 for end in itertools.accumulate(len(c.ids) for c in chunks)]
         return self.lm_head(self.norm(x[0, last]))
 
