@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._inductor.config
+import torch._inductor.cpp_builder
 
 from service.backend import SamplingParams
 from service.engine.engine import make_runner
@@ -19,6 +19,7 @@ from service.engine.llama import (
 )
 from service.engine.runner import MAX_AUTO_SLOTS, Chunk, HFRunner, kv_bytes_per_position, slots_for_memory
 from service.engine.sampling import make_generator, sample_one, top_p_filter
+from tests.test_service_loadgen import no_cpp_compiler
 from tests.tiny_models import TINY_VOCAB, tiny_llama, tiny_opt, tiny_qwen2
 
 
@@ -227,7 +228,7 @@ def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
 
 
 def test_a_compiled_decode_step_without_a_cpp_compiler_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", no_cpp_compiler)
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
         LlamaRunner(tiny_llama(), 2, 64, compiled=True)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch._inductor.config
+import torch._inductor.cpp_builder
 
 from service.app import create_app
 from service.settings import Settings
@@ -190,10 +190,14 @@ def test_serve_rejects_bad_configuration(argv: list[str], capsys: pytest.Capture
     assert "trimserve: error:" in capsys.readouterr().err
 
 
+def no_cpp_compiler() -> str:
+    raise RuntimeError("no working C++ compiler found")  # Inductor's search on a host without one
+
+
 def test_serve_refuses_a_compiled_decode_step_it_cannot_build_before_loading(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", no_cpp_compiler)
     assert main(["serve", "--model", "full=smollm2-135m", "--compile-decode"]) == 2
     err = capsys.readouterr().err
     assert "trimserve: error: variant 'full': a compiled decode step on CPU needs a C++ compiler" in err
