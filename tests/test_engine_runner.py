@@ -43,6 +43,13 @@ def greedy_batch(runner, batch: list[list[int]], n: int) -> list[list[int]]:
     return outs
 
 
+def profiled_calls(fn, event: str) -> int:
+    """How many times `fn` records a profiler event whose name starts with `event`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith(event))
+
+
 def test_fast_path_selection(tiny_model) -> None:
     runner = make_runner(tiny_model, 2, 64)
     expected = HFRunner if tiny_model.config.model_type == "opt" else LlamaRunner
@@ -175,9 +182,7 @@ def test_wide_bf16_products_run_in_fp32_and_round_back() -> None:
     short, long = prompts((WIDE_ROWS - 1, 2 * WIDE_ROWS), seed=11)
 
     def oneDNN_calls(fn) -> int:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            fn()
-        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+        return profiled_calls(fn, "mkldnn::_linear_pointwise")
 
     assert oneDNN_calls(lambda: wide.prefill(0, short)) == 0  # below WIDE_ROWS: the bf16 kernel
     assert oneDNN_calls(lambda: wide.prefill(1, long)) == 4 * 4  # each layer's four products; the head has one row
@@ -202,9 +207,7 @@ def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
     expected = reference(model, prompt, 80)  # position 280: the cache grows past its first capacity
 
     def compiled_calls(fn) -> int:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            fn()
-        return sum(e.count for e in prof.key_averages() if e.key.startswith("Torch-Compiled Region"))
+        return profiled_calls(fn, "Torch-Compiled Region")
 
     out = [int(runner.prefill(0, prompt).argmax())]
 

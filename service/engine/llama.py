@@ -425,9 +425,10 @@ class LlamaRunner(StepShortcuts):
                 continue
             k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            for t in (k, v):  # the compiled step must not be specialised to the cache's size
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 2)
+            if self._compiled_decode is not None:  # not specialised to the cache's size
+                for t in (k, v):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
             if self.capacity:
                 k[: self.slots, :, : self.capacity] = self.k_cache[i]
                 v[: self.slots, :, : self.capacity] = self.v_cache[i]
@@ -502,7 +503,8 @@ class LlamaRunner(StepShortcuts):
         visible = self.positions[:L].unsqueeze(0) <= at.unsqueeze(1)  # (rows, L)
         bias = torch.zeros(j - i, 1, 1, L, dtype=torch.float32, device=self.device)
         bias.masked_fill_(~visible.view(j - i, 1, 1, L), float("-inf"))
-        torch._dynamo.maybe_mark_dynamic(bias, 3)  # nor to the positions attended
+        if self._compiled_decode is not None:
+            torch._dynamo.maybe_mark_dynamic(bias, 3)  # nor to the positions attended
         return _DecodeRun(i, j, slice(first + i, first + j), at, bias)
 
     def _decode_attention(
