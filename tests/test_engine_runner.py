@@ -230,6 +230,25 @@ def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
     assert out == expected
 
 
+def test_the_servers_bf16_runner_compiles_its_decode_step_on_plain_weights() -> None:
+    """A server's runner owns a bf16 model and computes batches on blocked (or widened) copies of
+    its weights. Compiling, it keeps the plain weights, which its one-request step reads as sums
+    Inductor fuses (summed in another order: logits within bf16 rounding of the eager step's)."""
+    eager = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 256, release=True)
+    compiled = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 256, release=True, compiled=True)
+    assert all(linear.weight is not None for layer in compiled.layers for linear in (layer.qkv, layer.gate_up))
+    prompt = prompts((20,), seed=31)[0]
+    token = int(eager.prefill(0, prompt).argmax())
+    assert int(compiled.prefill(0, prompt).argmax()) == token
+    for position in range(len(prompt), len(prompt) + 12):
+        step = (torch.tensor([token]), torch.tensor([position]))
+        expected = eager.decode(*step)
+        got: list[torch.Tensor] = []
+        assert profiled_calls(lambda s=step, g=got: g.append(compiled.decode(*s)), "Torch-Compiled Region") == 1
+        assert torch.allclose(got[0].float(), expected.float(), atol=0.05, rtol=0.02)
+        token = int(expected.argmax())
+
+
 def test_a_compiled_decode_step_without_a_cpp_compiler_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", no_cpp_compiler)
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
