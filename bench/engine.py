@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from service.backend import SamplingParams
+from service.engine.compute import run_sync
 from service.engine.engine import LLMEngine, make_runner
 from service.engine.types import EngineConfig
 from variants.load import load_model
@@ -121,12 +122,14 @@ async def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: i
 
 
 def run(model_name: str, dtype: str, prompt_tokens: int, new_tokens: int, requests: int) -> dict:
-    model, tokenizer = load_model(model_name, dtype=dtype)
+    # All torch work on the engine's compute thread, as in the server: a second thread's OpenMP team
+    # would oversubscribe the cores and slow every step after it.
+    model, tokenizer = run_sync("cpu", lambda: load_model(model_name, dtype=dtype))
     vocab = model.get_input_embeddings().weight.shape[0]
     prompts = make_prompts(requests * 4, prompt_tokens, vocab, seed=0)
-    speed = generate_speed(model, prompts[: max(requests // 2, 2)], new_tokens)
+    speed = run_sync(model.device, lambda: generate_speed(model, prompts[: max(requests // 2, 2)], new_tokens))
     plain = {"ttft_ms": 1e3 * speed["ttft_s"], "tpot_ms": 1e3 * speed["tpot_s"]}
-    step = step_cpu_ms(model, prompts[0])
+    step = run_sync(model.device, lambda: step_cpu_ms(model, prompts[0]))
     c1 = asyncio.run(bench_engine(model, tokenizer, prompts[:requests], new_tokens, 1))
     c8 = asyncio.run(bench_engine(model, tokenizer, prompts, new_tokens, 8))
     return {
