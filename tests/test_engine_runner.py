@@ -198,11 +198,13 @@ def test_wide_bf16_products_run_in_fp32_and_round_back() -> None:
     assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.02)
 
 
-def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
-    """`compiled`: decode steps of one request (slot 0) run one compiled function, compiled once for
-    every attended length, cache capacity and slot count; other steps stay eager."""
+def test_compiled_decode_steps_follow_generate_without_recompiling() -> None:
+    """`compiled`: decode steps of one request (slot 0) run one compiled function, and those of
+    several requests in one run from slot 0 another; each compiles once for every attended length,
+    cache capacity, slot count and batch size. Other steps stay eager."""
     model = tiny_llama()
     runner = LlamaRunner(model, 20, 512, compiled=True)
+    eager = LlamaRunner(tiny_llama(), 20, 512)
     prompt, other = prompts((200, 6), seed=30)
     expected = reference(model, prompt, 80)  # position 280: the cache grows past its first capacity
 
@@ -210,34 +212,51 @@ def test_a_compiled_decode_step_follows_generate_without_recompiling() -> None:
         return profiled_calls(fn, "Torch-Compiled Region")
 
     out = [int(runner.prefill(0, prompt).argmax())]
+    eager.prefill(0, prompt)
 
     def decode_one() -> None:
         out.append(int(runner.decode(torch.tensor([out[-1]]), torch.tensor([len(prompt) + len(out) - 1])).argmax()))
 
+    eager.decode(torch.tensor([out[-1]]), torch.tensor([len(prompt)]))  # the same step, eager
     assert compiled_calls(decode_one) == 1  # the first compile
+    mates = prompts((190, 190), seed=31)  # close enough to the first request's length for one run
+    for slot, mate in enumerate(mates, start=1):
+        assert compiled_calls(lambda s=slot, m=mate: runner.prefill(s, m)) == 0  # a prompt: eager
+        eager.prefill(slot, mate)
+    for i, size in enumerate((2, 3, 2)):  # the first request in slot 0 and 1-2 more beside it
+        step = (torch.tensor([out[-1], 7, 7][:size]), torch.tensor([len(prompt) + len(out) - 1, 190, 190][:size]))
+        got: list[torch.Tensor] = []
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):  # the first batched step compiles
+            assert compiled_calls(lambda s=step, g=got: g.append(runner.decode(*s))) == 1
+        assert torch.allclose(got[0], eager.decode(*step), atol=1e-5, rtol=1e-5)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert compiled_calls(lambda: runner.prefill(12, other)) == 0  # a prompt: eager (and 8 more slots)
-        two = (torch.tensor([out[-1], 7]), torch.tensor([len(prompt) + len(out) - 1, 6]))
-        assert compiled_calls(lambda: runner.decode(*two)) == 0  # two requests: eager
+        assert compiled_calls(lambda: runner.prefill(12, other)) == 0  # (and 8 more slots)
         assert compiled_calls(lambda: runner.decode(torch.tensor([7]), torch.tensor([6]), first=12)) == 0
+        assert compiled_calls(lambda: runner.decode(torch.tensor([7, 7]), torch.tensor([6, 6]), first=1)) == 0
         capacity = runner.capacity
         with torch.inference_mode():  # as the engine calls it: in inference mode, with a list of chunks
             step = (torch.tensor([out[-1]]), torch.tensor([len(prompt) + len(out) - 1]), [])
             assert compiled_calls(lambda: out.append(int(runner.step(*step).argmax()))) == 1
         while len(out) < len(expected):
             assert compiled_calls(decode_one) == 1
+            if len(out) == 70:  # four requests of very different lengths: two runs, eager
+                long_and_short = (torch.tensor([out[-1], 7, 7, 7]), torch.tensor([len(prompt) + len(out) - 1, 6, 6, 6]))
+                assert compiled_calls(lambda s=long_and_short: runner.decode(*s)) == 0
+                near = (torch.tensor([out[-1], 7]), torch.tensor([len(prompt) + len(out) - 1, 260]))
+                assert compiled_calls(lambda s=near: runner.decode(*s)) == 1  # one run, past the cache's growth
     assert runner.capacity > capacity and runner.slots == 16
     assert out == expected
 
 
-def test_the_servers_bf16_runner_compiles_its_decode_step_on_plain_weights() -> None:
+def test_the_servers_bf16_runner_compiles_its_decode_steps() -> None:
     """A server's runner owns a bf16 model and computes batches on blocked (or widened) copies of
     its weights. Compiling, it keeps the plain weights, which its one-request step reads as sums
-    Inductor fuses (summed in another order: logits within bf16 rounding of the eager step's)."""
+    Inductor fuses (summed in another order: logits within bf16 rounding of the eager step's); its
+    batched steps compute what the eager ones do, bit for bit."""
     eager = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 256, release=True)
     compiled = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 256, release=True, compiled=True)
     assert all(linear.weight is not None for layer in compiled.layers for linear in (layer.qkv, layer.gate_up))
-    prompt = prompts((20,), seed=31)[0]
+    prompt, mate = prompts((20, 18), seed=31)
     token = int(eager.prefill(0, prompt).argmax())
     assert int(compiled.prefill(0, prompt).argmax()) == token
     for position in range(len(prompt), len(prompt) + 12):
@@ -247,6 +266,15 @@ def test_the_servers_bf16_runner_compiles_its_decode_step_on_plain_weights() -> 
         assert profiled_calls(lambda s=step, g=got: g.append(compiled.decode(*s)), "Torch-Compiled Region") == 1
         assert torch.allclose(got[0].float(), expected.float(), atol=0.05, rtol=0.02)
         token = int(expected.argmax())
+    for runner in (eager, compiled):
+        runner.prefill(1, mate)
+    batch = (torch.tensor([token, 9]), torch.tensor([len(prompt) + 12, len(mate)]))
+    expected = eager.decode(*batch)
+    got = []
+    assert profiled_calls(lambda: got.append(compiled.decode(*batch)), "Torch-Compiled Region") == int(
+        compiled._compiled_batch is not None  # not where products switch kernels with the row count
+    )
+    assert torch.equal(got[0], expected)
 
 
 def test_a_compiled_decode_step_without_a_cpp_compiler_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,6 +106,18 @@ def _blocked(weight: torch.Tensor, kind: str) -> torch.Tensor:
     return blocked
 
 
+@torch.library.custom_op("trimserve::blocked_linear", mutates_args=())
+def blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's product with a blocked bf16 weight, as one opaque op in a compiled step: Inductor's
+    own lowering of it takes the weight for a frozen constant, which a runner's weights are not."""
+    return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+
+
+@blocked_linear.register_fake
+def _(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], blocked.shape[0])
+
+
 @dataclass(frozen=True)
 class _Linear:
     weight: torch.Tensor | None  # None once released: a bf16 blocked copy alone is enough
@@ -146,6 +158,8 @@ class _Linear:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if self.packed.dtype == torch.bfloat16:
+            if torch.compiler.is_compiling():  # the wrapper costs 10 us a call: only where needed
+                return blocked_linear(x, self.packed, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 1)
 
@@ -283,9 +297,8 @@ def decode_runs(lengths: list[int], bucket: int = ATTENTION_BUCKET, cost: int = 
 
 @dataclass(frozen=True)
 class _DecodeRun:
-    start: int  # rows start..stop-1 of the decode batch
-    stop: int
-    slots: slice  # their cache slots
+    start: int  # its first row in the decode batch
+    slot: int  # and that row's cache slot; the rows that follow use the slots that follow
     positions: torch.Tensor  # (rows,) where each writes its new key and value
     bias: torch.Tensor  # (rows, 1, 1, L) fp32: 0 where a row attends, -inf elsewhere
 
@@ -323,15 +336,15 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _compile(forward: Callable, device: torch.device) -> Callable:
-    """`forward` compiled for decode steps of one request. It rounds where eager rounds (bf16
-    included); only its one-row products on CPU sum in another order (`_Linear.__call__`)."""
+def _compile(forward: Callable, device: torch.device, one_row: bool = False) -> Callable:
+    """`forward` compiled for decode steps (`one_row`: of one request). It rounds where eager rounds
+    (bf16 included); only one-row products on CPU sum in another order (`_Linear.__call__`)."""
     problem = compile_unavailable(device)
     if problem is not None:
         raise ValueError(problem)
     options = {"emulate_precision_casts": True}
-    if device.type == "cpu":  # Inductor would inline each RMSNorm into the one-row product after it
-        options["realize_opcount_threshold"] = 1  # and recompute it for every output: a 3x slower step
+    if one_row and device.type == "cpu":  # Inductor would inline each RMSNorm into the one-row
+        options["realize_opcount_threshold"] = 1  # product after it, recomputing it for every output
     return torch.compile(forward, fullgraph=True, dynamic=False, options=options)
 
 
@@ -404,8 +417,11 @@ class LlamaRunner(StepShortcuts):
         # Opt-in (`compiled`): decode steps of one request run as one compiled function. Eager, such
         # a step dispatches about 4,900 small ops, which take as long as reading the weights;
         # Inductor fuses them, and turns each product into a loop that reads the weight near the
-        # memory's speed. It compiles on the first such step (minutes on 2 cores).
-        self._compiled_decode = _compile(self._forward, self.device) if compiled else None
+        # memory's speed. Decode steps of several requests in one run from slot 0 run as a second
+        # one (for any number of rows), unless products switch kernels with the row count
+        # (`widen`). Each compiles on its first step (a minute or two on 2 cores).
+        self._compiled_decode = _compile(self._forward, self.device, one_row=True) if compiled else None
+        self._compiled_batch = _compile(self._decode_batch, self.device) if compiled and not widened else None
         # It would be specialised on whether the positions attended reach the cache's capacity: with
         # one attention bucket of headroom they never do.
         self.headroom = ATTENTION_BUCKET if compiled else 0
@@ -483,7 +499,15 @@ class LlamaRunner(StepShortcuts):
         runs = [self._decode_run(first, positions, i, j, L) for i, j, L in decode_runs((positions + 1).tolist())]
         if self._compiled_decode is not None and B == 1 and first == 0 and not chunks:  # one request decoding
             return self._compiled_decode(x, cos, sin, B, runs, ())  # always a tuple: its type is guarded on
+        if self._compiled_batch is not None and first == 0 and not chunks and len(runs) == 1:
+            for t in (x, cos, sin):
+                torch._dynamo.maybe_mark_dynamic(t, 1)  # one compile for every batch size
+            return self._compiled_batch(x, cos, sin, runs[0])
         return self._forward(x, cos, sin, B, runs, chunks)
+
+    def _decode_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, run: _DecodeRun) -> torch.Tensor:
+        """`_forward` for a decode step of several requests in one run, sized by its tensors."""
+        return self._forward(x, cos, sin, x.shape[1], [run], ())
 
     def _forward(
         self,
@@ -510,6 +534,8 @@ class LlamaRunner(StepShortcuts):
                     offset += n
                 x = x + layer.o(torch.cat(parts).unsqueeze(0))
             x = self._mlp(layer, x)
+        if not chunks:
+            return self.lm_head(self.norm(x[0, :B]))
         last = list(range(B)) + [B + end - 1 for end in itertools.accumulate(len(c.ids) for c in chunks)]
         return self.lm_head(self.norm(x[0, last]))
 
@@ -520,9 +546,11 @@ class LlamaRunner(StepShortcuts):
         visible = self.positions[:L].unsqueeze(0) <= at.unsqueeze(1)  # (rows, L)
         bias = torch.zeros(j - i, 1, 1, L, dtype=torch.float32, device=self.device)
         bias.masked_fill_(~visible.view(j - i, 1, 1, L), float("-inf"))
-        if self._compiled_decode is not None:
-            torch._dynamo.maybe_mark_dynamic(bias, 3)  # nor to the positions attended
-        return _DecodeRun(i, j, slice(first + i, first + j), at, bias)
+        if self._compiled_decode is not None:  # nor to the positions attended, nor to the rows
+            torch._dynamo.maybe_mark_dynamic(bias, 3)
+            torch._dynamo.maybe_mark_dynamic(bias, 0)
+            torch._dynamo.maybe_mark_dynamic(at, 0)
+        return _DecodeRun(i, first + i, at, bias)
 
     def _decode_attention(
         self,
@@ -537,17 +565,18 @@ class LlamaRunner(StepShortcuts):
         nkv, group, B = self.n_kv_heads, self.n_heads // self.n_kv_heads, q.shape[1]
         out = []
         for run in runs:
-            rows = slice(run.start, run.stop)
-            slots = self.slot_ids[run.slots]
+            n = run.positions.shape[0]  # the run's sizes come from its tensors: a compiled step is not
+            rows, cached = slice(run.start, run.start + n), slice(run.slot, run.slot + n)  # specialised to them
+            slots = self.slot_ids[cached]
             k_cache[slots, :, run.positions] = k[:, rows].transpose(0, 1).to(self.cache_dtype)
             v_cache[slots, :, run.positions] = v[:, rows].transpose(0, 1).to(self.cache_dtype)
             # Written out: at this size several times cheaper than the SDPA kernel. Query heads are
             # grouped by the KV head they share (as repeat_kv).
             L = run.bias.shape[-1]
             qr = q[:, rows].transpose(0, 1).reshape(-1, nkv, group, self.head_dim).to(self.cache_dtype)
-            scores = torch.matmul(qr, k_cache[run.slots, :, :L].transpose(-1, -2))  # (rows, nkv, group, L)
+            scores = torch.matmul(qr, k_cache[cached, :, :L].transpose(-1, -2))  # (rows, nkv, group, L)
             probs = torch.add(run.bias, scores, alpha=self.scale).softmax(-1).to(self.cache_dtype)
-            out.append(torch.matmul(probs, v_cache[run.slots, :, :L]).reshape(-1, self.n_heads * self.head_dim))
+            out.append(torch.matmul(probs, v_cache[cached, :, :L]).reshape(-1, self.n_heads * self.head_dim))
         return torch.cat(out).to(q.dtype) if out else q.new_empty(B, self.n_heads * self.head_dim)
 
     def _chunk_attention(
