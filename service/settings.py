@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, ge=1)  # None: sized from memory (kv_cache_gib)
     kv_cache_gib: float | None = Field(None, gt=0)  # per in-process model; None: 1/4 of free memory
     prefill_tokens_per_step: int = Field(256, ge=1)
-    compile_decode: bool = False  # in-process engines compile the decode step of one request
+    compile_decode: bool = False  # in-process engines compile their decode steps
     max_queue: int = Field(64, ge=0)
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens: int = Field(1024, ge=1)

@@ -17,11 +17,13 @@ of the weights, rounded back to bf16 (what a bf16 product accumulating in fp32 c
 order of the sums), and smaller ones keep PyTorch's bf16 matrix-vector kernel, which reads half
 the bytes. That costs twice the linear weights' bf16 size in memory.
 
-A runner that compiles its decode step for one request (`compiled`) keeps the plain weights as
-well: that step computes each product as a sum over the input features in fp32, which Inductor
+A runner that compiles its decode steps (`compiled`) keeps the plain weights as well: the step of
+one request computes each product as a sum over the input features in fp32, which Inductor
 turns into one vectorised loop reading the bf16 weight at close to the memory's speed (about 1.5x
 oneDNN's kernel). Its sums run in another order than oneDNN's, so a logit can differ in its last
-bf16 bit and greedy tokens can part at near-ties.
+bf16 bit and greedy tokens can part at near-ties. Decode steps of several requests compile as a
+second graph for every batch size, whose products stay oneDNN's (behind an opaque op): it computes
+what the eager step computes, bit for bit.
 
 A layer whose attention was replaced by nothing (a depth-pruned FFN-only block; the variant
 format knows which, `variants.noop.noop_layers`) runs only its MLP and keeps no cache.
@@ -355,7 +357,8 @@ class LlamaRunner(StepShortcuts):
     the kernels of the linear layers. `release`: the runner owns the model, which nothing else
     changes: it frees the model's plain weights where the blocked bf16 copies replace them, and
     points the others at equal ones another owning runner holds (a variant's unchanged layers and
-    embeddings). `compiled` compiles the decode step of a single request.
+    embeddings). `compiled` compiles decode steps: those of one request, and those of several in
+    one run from slot 0.
     """
 
     def __init__(

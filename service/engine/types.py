@@ -20,9 +20,9 @@ class EngineConfig:
     # in a faster layout and share the rest with other engines' equal weights (the server's engines
     # do; a caller that still runs or changes the model itself, as tests do, must not ask).
     release_model_weights: bool = False
-    # Compile the decode step of a single request (Llama-family models): faster at concurrency 1,
-    # at the price of compiling at start-up (minutes on a small CPU) and greedy tokens equal only up
-    # to exact bf16 ties, as against `model.generate`.
+    # Compile the decode steps (Llama-family models): faster per token, at the price of compiling at
+    # start-up (minutes on a small CPU), the plain weights kept beside the blocked ones, and greedy
+    # tokens of one request decoding alone equal only up to near bf16 ties, as against `model.generate`.
     compile_decode: bool = False
     max_queue: int = 64  # requests in flight beyond the batch slots get Overloaded (HTTP 429)
     max_prompt_tokens: int = 2048  # longer prompts get InvalidRequest (HTTP 400)

@@ -76,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile-decode",
         action="store_true",
         default=None,
-        help="compile each in-process model's decode step for one request: faster at concurrency 1, "
-        "minutes of compiling at start-up (needs a C++ compiler on CPU)",
+        help="compile each in-process model's decode steps: faster per token, minutes of compiling at "
+        "start-up and more memory (needs a C++ compiler on CPU)",
     )
     serve.add_argument("--max-queue", type=int)
     serve.add_argument("--max-prompt-tokens", type=int)
