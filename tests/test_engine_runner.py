@@ -248,13 +248,14 @@ def test_compiled_decode_steps_follow_generate_without_recompiling() -> None:
     assert out == expected
 
 
-def test_the_servers_bf16_runner_compiles_its_decode_steps() -> None:
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_the_servers_bf16_runner_compiles_its_decode_steps(make_model) -> None:
     """A server's runner owns a bf16 model and computes batches on blocked (or widened) copies of
     its weights. Compiling, it keeps the plain weights, which its one-request step reads as sums
     Inductor fuses (summed in another order: logits within bf16 rounding of the eager step's); its
     batched steps compute what the eager ones do, bit for bit."""
-    eager = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 256, release=True)
-    compiled = LlamaRunner(tiny_llama().to(torch.bfloat16), 2, 256, release=True, compiled=True)
+    eager = LlamaRunner(make_model().to(torch.bfloat16), 2, 256, release=True)
+    compiled = LlamaRunner(make_model().to(torch.bfloat16), 2, 256, release=True, compiled=True)
     assert all(linear.weight is not None for layer in compiled.layers for linear in (layer.qkv, layer.gate_up))
     prompt, mate = prompts((20, 18), seed=31)
     token = int(eager.prefill(0, prompt).argmax())
