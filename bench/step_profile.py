@@ -34,7 +34,14 @@ from common import machine
 
 # torch op name -> what it does in the step
 GROUPS = {
-    "linear": ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm", "mkl::_mkl_linear"),
+    "linear": (
+        "mkldnn::_linear_pointwise",
+        "trimserve::blocked_linear",
+        "aten::linear",
+        "aten::addmm",
+        "aten::mm",
+        "mkl::_mkl_linear",
+    ),
     "attention": ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product", "aten::index_put", "aten::_index_put"),
     "norm": ("aten::rms_norm", "aten::_fused_rms_norm", "aten::pow", "aten::mean", "aten::rsqrt"),
     "rotary": ("aten::cos", "aten::sin", "aten::cat", "aten::neg"),
