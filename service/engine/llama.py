@@ -108,11 +108,14 @@ def _blocked(weight: torch.Tensor, kind: str) -> torch.Tensor:
     return blocked
 
 
-@torch.library.custom_op("trimserve::blocked_linear", mutates_args=())
-def blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN's product with a blocked bf16 weight, as one opaque op in a compiled step: Inductor's
-    own lowering of it takes the weight for a frozen constant, which a runner's weights are not."""
+def _onednn_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's product with a weight `_blocked` for it."""
     return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+
+
+# The same, as one opaque op in a compiled step: Inductor's own lowering of oneDNN's product takes
+# the weight for a frozen constant, which a runner's weights are not.
+blocked_linear = torch.library.custom_op("trimserve::blocked_linear", _onednn_linear, mutates_args=())
 
 
 @blocked_linear.register_fake
@@ -149,20 +152,20 @@ class _Linear:
         return replace(self, weight=None) if self.packed is not None and self.packed.dtype == torch.bfloat16 else self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None and x.numel() == x.shape[-1] and x.is_cpu and torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and self.weight is not None and x.is_cpu and x.numel() == x.shape[-1]:
             # One row on CPU, compiled: a product written as a sum over the input features becomes
             # one vectorised loop that reads the weight at about 1.5x the speed of oneDNN's kernel,
             # summing in fp32 (in another order than a product kernel: the last bit can differ).
             y = (x.float().unsqueeze(-2) * self.weight.float()).sum(-1)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         if self.wide is not None and x.numel() >= WIDE_ROWS * x.shape[-1]:
-            return torch.ops.mkldnn._linear_pointwise(x.float(), self.wide, self.wide_bias, "none", [], "").to(x.dtype)
+            return _onednn_linear(x.float(), self.wide, self.wide_bias).to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if self.packed.dtype == torch.bfloat16:
             if torch.compiler.is_compiling():  # the wrapper costs 10 us a call: only where needed
                 return blocked_linear(x, self.packed, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return _onednn_linear(x, self.packed, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 1)
 
 
