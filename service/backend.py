@@ -103,6 +103,10 @@ class Observer(Protocol):
 
     def load(self, running: int, waiting: int) -> None: ...
 
+    def prompt_cached(self, tokens: int) -> None:
+        """An admitted request's first `tokens` prompt tokens came from the prefix cache, not a prefill."""
+        ...
+
     def restarted(self) -> None:
         """A supervised backend process died and was started again."""
         ...

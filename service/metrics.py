@@ -46,6 +46,12 @@ class Metrics:
             "trimserve_queue_wait_seconds", "Time from arrival to admission", v, buckets=QUEUE_BUCKETS, registry=r
         )
         self.prompt_tokens = Counter("trimserve_prompt_tokens", "Prompt tokens processed", v, registry=r)
+        self.prompt_tokens_cached = Counter(
+            "trimserve_prompt_tokens_cached",
+            "Prompt tokens an in-process engine took from its prefix cache instead of prefilling them",
+            v,
+            registry=r,
+        )
         self.generated_tokens = Counter("trimserve_generated_tokens", "Tokens generated", v, registry=r)
         self.running = Gauge("trimserve_requests_running", "Requests in the running batch", v, registry=r)
         self.waiting = Gauge("trimserve_requests_waiting", "Requests queued for admission", v, registry=r)
@@ -112,6 +118,7 @@ class VariantObserver:
         self._running = metrics.running.labels(variant=variant)
         self._waiting = metrics.waiting.labels(variant=variant)
         self._restarts = metrics.backend_restarts.labels(variant=variant)
+        self._prompt_cached = metrics.prompt_tokens_cached.labels(variant=variant)
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)
@@ -119,6 +126,9 @@ class VariantObserver:
     def load(self, running: int, waiting: int) -> None:
         self._running.set(running)
         self._waiting.set(waiting)
+
+    def prompt_cached(self, tokens: int) -> None:
+        self._prompt_cached.inc(tokens)
 
     def restarted(self) -> None:
         self._restarts.inc()

@@ -6,7 +6,10 @@ free KV-cache slots in arrival order. A prompt longer than that budget is prefil
 steps (chunks) while the others keep decoding, so a long prompt never stalls the batch. Decoding
 requests occupy slots 0..B-1, followed by the ones being prefilled (at most one of them part-way):
 when one leaves, the last decoding one moves into its slot, so each step decodes a prefix of the
-cache. The slot count comes from memory (`slots_for_memory`) unless it is set.
+cache. The slot count comes from memory (`slots_for_memory`) unless it is set. The caches of
+finished requests are kept (`PrefixCache`, within `prefix_cache_bytes`): a new prompt that starts
+as one of them did (a shared system prompt, the next turn of a chat) has that part copied into its
+slot instead of prefilled.
 
 Threading: the worker thread schedules; the model work of each step runs on the device's compute
 thread (`service.engine.compute`), shared by every engine on that device. Tokens reach the asyncio
@@ -44,6 +47,7 @@ from service.backend import (
 )
 from service.engine.compute import run_async, run_sync
 from service.engine.llama import LlamaRunner, unsupported_reason
+from service.engine.prefix import PrefixCache, PrefixEntry
 from service.engine.runner import Chunk, HFRunner, Runner, slots_for_memory, trim_heap
 from service.engine.sampling import make_generator, sample_one
 from service.engine.types import EngineConfig, TokenEvent
@@ -65,8 +69,10 @@ class _Request:
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the cache
+    cached: tuple[PrefixEntry, int] | None = None  # a kept cache holding its first n prompt tokens
     aborted: bool = False  # set from the event loop; the worker frees the slot at its next step
     done: bool = False  # the worker sent the last event (or error)
+    finished: bool = False  # and it was the last token (stop or length): the cache holds a whole answer
 
     @property
     def length(self) -> int:
@@ -133,6 +139,7 @@ class LLMEngine:
         )
         run_sync(self.device, trim_heap)
         log.info("engine %s: %d batch slots of %d positions", name, self.runner.max_slots, self.runner.max_seq)
+        self.prefixes = PrefixCache(config.prefix_cache_bytes)  # worker thread only
         self.observer = observer
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()  # guarded by _cond
@@ -154,8 +161,9 @@ class LLMEngine:
 
     @property
     def cache_bytes(self) -> int | None:
-        """What the KV cache holds now (it grows with load); None if the runner cannot tell."""
-        return self.runner.cache_bytes
+        """What the KV cache and the kept prefixes hold now (both grow with load); None if the runner cannot tell."""
+        held = self.runner.cache_bytes
+        return None if held is None else held + self.prefixes.nbytes
 
     @property
     def num_running(self) -> int:
@@ -392,8 +400,13 @@ class LLMEngine:
             budget -= plan(self._running[-1])
         for req in self._admit(now, budget, events):
             self._running.append(req)
+            if req.cached is not None:  # the start of its prompt is kept: copy it in, prefill the rest
+                entry, req.prefilled = req.cached
+                req.cached = None  # the entry may be dropped later; the request no longer needs it
+                self.runner.restore(entry.saved, len(self._running) - 1, req.prefilled)
             if self.observer is not None:
                 self.observer.queue_wait(now - req.arrival)
+                self.observer.prompt_cached(req.prefilled)
             budget -= plan(req)
         return planned
 
@@ -480,7 +493,8 @@ class LLMEngine:
                     events.append((req, RequestTimeout(f"request {req.request_id} timed out in the queue")))
                 else:
                     admitted.append(req)
-                    budget -= len(req.prompt)
+                    req.cached = self.prefixes.match(req.prompt)
+                    budget -= len(req.prompt) - (req.cached[1] if req.cached else 0)
         return admitted
 
     def _emit(self, req: _Request, event: TokenEvent, events: list[tuple[_Request, object]]) -> None:
@@ -493,7 +507,7 @@ class LLMEngine:
         elif len(req.output) >= req.params.max_tokens or req.length >= self.runner.max_seq:
             reason = "length"
         if reason is not None:
-            req.done = True
+            req.done = req.finished = True
         events.append((req, replace(event, finish_reason=reason)))
 
     def _compact(self) -> None:
@@ -506,6 +520,8 @@ class LLMEngine:
             if not (self._running[i].done or self._running[i].aborted):
                 i += 1
                 continue
+            if self._running[i].finished and not self._running[i].aborted:
+                self._keep(self._running[i], i)
             last = len(self._running) - 1
             if i != last:
                 moved = self._running[last]
@@ -516,6 +532,15 @@ class LLMEngine:
             if held != len(self._running):
                 self.runner.move(held, len(self._running), partial.prefilled)
             self._running.append(partial)
+
+    def _keep(self, req: _Request, slot: int) -> None:
+        """Keep a finished request's cache for prompts that start the same way (not its last token:
+        that one was never run)."""
+        tokens = (req.prompt + req.output)[: req.length - 1]
+        if self.prefixes.budget and not self.prefixes.covers(tokens):
+            saved = self.runner.save(slot, len(tokens))
+            if saved is not None:
+                self.prefixes.add(tokens, *saved)
 
 
 def _put_all(events: list[tuple[_Request, object]]) -> None:

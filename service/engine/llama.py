@@ -628,3 +628,17 @@ class LlamaRunner(StepShortcuts):
             if k_cache is not None:
                 k_cache[dst, :, :length] = k_cache[src, :, :length]
                 v_cache[dst, :, :length] = v_cache[src, :, :length]
+
+    @torch.inference_mode()
+    def save(self, slot: int, length: int) -> tuple[list[torch.Tensor], int]:
+        """The slot's first `length` positions in the model's dtype: every key and value was computed in
+        it (the cache only widens them), so the copy loses nothing and takes half the fp32 bytes."""
+        kept = [c[slot, :, :length].to(self.dtype, copy=True) for c in (*self.k_cache, *self.v_cache) if c is not None]
+        return kept, sum(t.numel() * t.element_size() for t in kept)
+
+    @torch.inference_mode()
+    def restore(self, saved: list[torch.Tensor], slot: int, length: int) -> None:
+        self._grow(length, slot + 1)
+        caches = [c for c in (*self.k_cache, *self.v_cache) if c is not None]
+        for cache, kept in zip(caches, saved, strict=True):
+            cache[slot, :, :length] = kept[:, :length]

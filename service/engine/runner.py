@@ -60,6 +60,15 @@ class Runner(Protocol):
         """Copy the first `length` positions of slot `src` into slot `dst`."""
         ...
 
+    def save(self, slot: int, length: int) -> tuple[object, int] | None:
+        """A copy of the first `length` positions of `slot` and its bytes, for the prefix cache; None
+        if this runner keeps no prefixes."""
+        ...
+
+    def restore(self, saved: object, slot: int, length: int) -> None:
+        """Make `slot` hold the first `length` positions of a copy `save` made (replacing what it held)."""
+        ...
+
     def logits(self, ids: list[int], keep: int) -> torch.Tensor:
         """Logits (keep, vocab) of the last `keep` positions of `ids`, leaving every slot as it was."""
         ...
@@ -177,3 +186,11 @@ class HFRunner(StepShortcuts):
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches[dst] = self.caches[src]
         self.caches[src] = None
+
+    def save(self, slot: int, length: int) -> None:
+        """None: no prefixes kept. The caches of other architectures (sliding windows, linear
+        attention) cannot always be cut back to a prefix."""
+        return None
+
+    def restore(self, saved: object, slot: int, length: int) -> None:
+        raise NotImplementedError("the generic runner keeps no prefixes")

@@ -19,6 +19,7 @@ SERVE_FLAGS = {
     "max_batch_size": "max_batch_size",
     "kv_cache_gib": "kv_cache_gib",
     "prefill_tokens_per_step": "prefill_tokens_per_step",
+    "prefix_cache_mib": "prefix_cache_mib",
     "compile_decode": "compile_decode",
     "max_queue": "max_queue",
     "max_prompt_tokens": "max_prompt_tokens",
@@ -71,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--prefill-tokens-per-step",
         type=int,
         help="prompt tokens prefilled per engine step; longer prompts are chunked",
+    )
+    serve.add_argument(
+        "--prefix-cache-mib",
+        type=float,
+        help="memory per in-process model for finished requests' caches, so prompts that start the same "
+        "way skip that part of the prefill (default 256; 0: off)",
     )
     serve.add_argument(
         "--compile-decode",
