@@ -15,6 +15,7 @@ import uvicorn
 
 from service.app import create_app
 from service.backends import make_backend
+from service.metrics import Metrics
 from service.settings import ModelSpec, Settings
 from tests.service_fakes import FakeEngine, fake_backends
 from tests.tiny_models import tiny_llama
@@ -95,7 +96,9 @@ def test_graceful_shutdown_finishes_in_flight(live: LiveServer) -> None:
 def test_real_model_and_engine_through_openai_client(default_model_dir) -> None:
     settings = Settings(max_prompt_tokens=256, max_tokens=32, max_batch_size=4)
     spec = ModelSpec(name="full", source=str(default_model_dir), dtype="fp32", device="cpu")
-    app = create_app(settings, backends=[make_backend(spec, settings)])
+    metrics = Metrics()
+    backend = make_backend(spec, settings, metrics.observer("full"))
+    app = create_app(settings, backends=[backend], metrics=metrics)
 
     async def scenario() -> None:
         transport = httpx2.ASGITransport(app=app)
@@ -115,5 +118,15 @@ def test_real_model_and_engine_through_openai_client(default_model_dir) -> None:
             assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.choices[0].text
             assert chunks[-1].usage.completion_tokens == alone.usage.completion_tokens <= 10
             assert all(r.usage.completion_tokens >= 1 for r in batch[:2])
+            # The next turn of the chat starts with the first turn's cache, kept when it finished.
+            kept = len(backend.engine.prefixes)
+            cached = metrics.prompt_tokens_cached.labels(variant="full")._value.get()
+            turn = [*question, {"role": "assistant", "content": chat.choices[0].message.content}]
+            turn.append({"role": "user", "content": "And of Italy?"})
+            second = await client.chat.completions.create(model="full", messages=turn, max_tokens=12, temperature=0)
+            assert "Rome" in second.choices[0].message.content
+            assert len(backend.engine.prefixes) == kept + 1
+            took = metrics.prompt_tokens_cached.labels(variant="full")._value.get() - cached
+            assert chat.usage.prompt_tokens < took < second.usage.prompt_tokens  # the question and its answer
 
     asyncio.run(scenario())
