@@ -100,7 +100,9 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, ge=1)  # None: sized from memory (kv_cache_gib)
     kv_cache_gib: float | None = Field(None, gt=0)  # per in-process model; None: 1/4 of free memory
     prefill_tokens_per_step: int = Field(256, ge=1)
-    prefix_cache_mib: float = Field(256.0, ge=0)  # per in-process model: finished requests' caches kept; 0: none
+    # per in-process model: a cap on the finished requests' caches kept in what the slots leave of the
+    # KV budget (kv_cache_gib); None: no cap, 0: none kept
+    prefix_cache_mib: float | None = Field(None, ge=0)
     compile_decode: bool = False  # in-process engines compile their decode steps
     max_queue: int = Field(64, ge=0)
     max_prompt_tokens: int = Field(2048, ge=1)
@@ -131,7 +133,7 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             kv_cache_bytes=None if self.kv_cache_gib is None else int(self.kv_cache_gib * 2**30),
             prefill_tokens_per_step=self.prefill_tokens_per_step,
-            prefix_cache_bytes=int(self.prefix_cache_mib * 2**20),
+            prefix_cache_bytes=None if self.prefix_cache_mib is None else int(self.prefix_cache_mib * 2**20),
             release_model_weights=True,
             compile_decode=self.compile_decode,
             max_queue=self.max_queue,

@@ -351,8 +351,18 @@ class FaultyRunner:
         self.runner, self.poison, self.nan = runner, poison, nan
         self.max_slots, self.max_seq = runner.max_slots, runner.max_seq
 
+    @property
+    def cache_bytes(self):
+        return self.runner.cache_bytes
+
     def move(self, src, dst, length):
         self.runner.move(src, dst, length)
+
+    def save(self, slot, length):
+        return self.runner.save(slot, length)
+
+    def restore(self, saved, slot, length):
+        self.runner.restore(saved, slot, length)
 
     def step(self, tokens, positions, chunks=(), first=0):
         if self.poison in tokens.tolist():

@@ -135,8 +135,32 @@ def test_repeated_prompts_and_the_next_chat_turn_reuse_the_kept_cache() -> None:
     assert [e.logprob for e in turn_events] == pytest.approx(reference_logprobs(model, follow_up, 10), abs=1e-4)
     # "again" took all but its last prompt token; the turn took its history but the last answer token
     assert sorted(cached) == sorted([0, 0, len(first) - 1, len(first) + len(answer) - 1])
-    assert 0 < kept <= engine.config.prefix_cache_bytes
+    assert 0 < kept <= engine.kv_budget - engine.runner.cache_bytes
     assert engine.cache_bytes == engine.runner.cache_bytes + kept
+
+
+def test_kept_prefixes_take_only_what_the_slots_leave_of_the_kv_budget() -> None:
+    model = tiny_llama()
+    batch = prompts((40, 40, 40, 40), seed=44)  # entries of one size
+
+    async def kept_sizes(config: EngineConfig) -> tuple[list[int], LLMEngine]:
+        engine = LLMEngine("tiny", model, TOKENIZER, config)
+        await engine.start()
+        sizes = []
+        for i, prompt in enumerate(batch):
+            await collect(engine, prompt, greedy(4), f"r{i}")
+            sizes.append(len(engine.prefixes))
+            assert engine.prefixes.nbytes <= engine.kv_budget - engine.runner.cache_bytes
+        await engine.shutdown(1.0)
+        return sizes, engine
+
+    roomy, engine = asyncio.run(kept_sizes(EngineConfig(max_batch_size=2)))
+    assert roomy == [1, 2, 3, 4]
+    slots, entry = engine.runner.cache_bytes, engine.prefixes.nbytes // 4
+    tight, _ = asyncio.run(kept_sizes(EngineConfig(max_batch_size=2, kv_cache_bytes=slots + entry * 3 // 2)))
+    assert tight == [1, 1, 1, 1]
+    capped, _ = asyncio.run(kept_sizes(EngineConfig(max_batch_size=2, prefix_cache_bytes=entry * 2)))
+    assert capped == [1, 2, 2, 2]
 
 
 def test_with_no_prefix_memory_nothing_is_kept() -> None:

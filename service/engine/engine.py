@@ -7,9 +7,10 @@ steps (chunks) while the others keep decoding, so a long prompt never stalls the
 requests occupy slots 0..B-1, followed by the ones being prefilled (at most one of them part-way):
 when one leaves, the last decoding one moves into its slot, so each step decodes a prefix of the
 cache. The slot count comes from memory (`slots_for_memory`) unless it is set. The caches of
-finished requests are kept (`PrefixCache`, within `prefix_cache_bytes`): a new prompt that starts
-as one of them did (a shared system prompt, the next turn of a chat) has that part copied into its
-slot instead of prefilled.
+finished requests are kept (`PrefixCache`) in what the KV budget leaves free (as vLLM keeps them
+in its free cache blocks), at most `prefix_cache_bytes`: a new prompt that starts as one of them
+did (a shared system prompt, the next turn of a chat) has that part copied into its slot instead
+of prefilled.
 
 Threading: the worker thread schedules; the model work of each step runs on the device's compute
 thread (`service.engine.compute`), shared by every engine on that device. Tokens reach the asyncio
@@ -48,7 +49,7 @@ from service.backend import (
 from service.engine.compute import run_async, run_sync
 from service.engine.llama import LlamaRunner, unsupported_reason
 from service.engine.prefix import PrefixCache, PrefixEntry
-from service.engine.runner import Chunk, HFRunner, Runner, slots_for_memory, trim_heap
+from service.engine.runner import Chunk, HFRunner, Runner, free_memory, slots_for_memory, trim_heap
 from service.engine.sampling import make_generator, sample_one
 from service.engine.types import EngineConfig, TokenEvent
 
@@ -132,14 +133,16 @@ class LLMEngine:
         self.eos_token_ids = eos_ids(model, tokenizer)
         self.device = model.device
         max_seq = config.max_prompt_tokens + config.max_tokens
-        slots = config.max_batch_size or slots_for_memory(model, max_seq, config.kv_cache_bytes)
+        # What the cache may take: the slots' caches, and the kept prefixes in what those leave free
+        self.kv_budget = free_memory(self.device) // 4 if config.kv_cache_bytes is None else config.kv_cache_bytes
+        slots = config.max_batch_size or slots_for_memory(model, max_seq, self.kv_budget)
         release, compiled = config.release_model_weights, config.compile_decode
         self.runner = run_sync(
             self.device, lambda: make_runner(model, slots, max_seq, release=release, compiled=compiled)
         )
         run_sync(self.device, trim_heap)
         log.info("engine %s: %d batch slots of %d positions", name, self.runner.max_slots, self.runner.max_seq)
-        self.prefixes = PrefixCache(config.prefix_cache_bytes)  # worker thread only
+        self.prefixes = PrefixCache(self._prefix_budget())  # worker thread only
         self.observer = observer
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()  # guarded by _cond
@@ -381,6 +384,7 @@ class LLMEngine:
         if decoding or prefills:
             self._run(decoding, prefills, events)
         self._compact()
+        self.prefixes.fit(self._prefix_budget())  # the slots' cache may have grown into their share
 
     def _plan_prefills(self, now: float, events: list[tuple[_Request, object]]) -> list[tuple[_Request, Chunk]]:
         """This step's prompt chunks: the request part-way through its prompt first, then new ones.
@@ -533,10 +537,21 @@ class LLMEngine:
                 self.runner.move(held, len(self._running), partial.prefilled)
             self._running.append(partial)
 
+    def _prefix_budget(self) -> int:
+        """Bytes the kept prefixes may take: what the slots' cache leaves of the KV budget, at most
+        `prefix_cache_bytes` (none if the runner cannot tell its cache's size)."""
+        held = self.runner.cache_bytes
+        if held is None:
+            return 0
+        free = max(self.kv_budget - held, 0)
+        cap = self.config.prefix_cache_bytes
+        return free if cap is None else min(free, cap)
+
     def _keep(self, req: _Request, slot: int) -> None:
         """Keep a finished request's cache for prompts that start the same way (not its last token:
         that one was never run)."""
         tokens = (req.prompt + req.output)[: req.length - 1]
+        self.prefixes.fit(self._prefix_budget())
         if self.prefixes.budget and not self.prefixes.covers(tokens):
             saved = self.runner.save(slot, len(tokens))
             if saved is not None:

@@ -5,7 +5,8 @@ An entry is the token ids a request's cache held when it finished (its prompt an
 the last token) and the runner's copy of that cache (`Runner.save`). Entries are found by the
 hashes of their first 16, 32, ... tokens, and a match is always confirmed on the token ids
 themselves, so a hash collision can only cost a miss, never hand one request another's cache. The
-least recently used entries go first when the kept copies would pass `budget` bytes.
+least recently used entries go first when the kept copies would pass `budget` bytes (the engine
+sets it to what its KV budget leaves free, `fit`).
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ class PrefixCache:
         for key in block_keys(tokens):
             self._by_key.setdefault(key, {})[entry_id] = None
         self.nbytes += nbytes
+        self.fit(self.budget)
+
+    def fit(self, budget: int) -> None:
+        """Change the budget, dropping the least recently used entries past it."""
+        self.budget = budget
         while self.nbytes > self.budget:
             self._drop(next(iter(self._entries)))
-
-    def clear(self) -> None:
-        for entry_id in list(self._entries):
-            self._drop(entry_id)
 
     def _drop(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)

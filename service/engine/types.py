@@ -16,8 +16,9 @@ class EngineConfig:
     max_batch_size: int | None = None  # requests decoded together; None: as many as kv_cache_bytes holds
     kv_cache_bytes: int | None = None  # what the slots may take at full context; None: 1/4 of free memory
     prefill_tokens_per_step: int = 256  # prompt tokens per step: bounds the stall a burst of arrivals causes
-    # Finished requests' caches kept so a prompt that starts the same way skips that part; 0: none kept
-    prefix_cache_bytes: int = 256 * 2**20
+    # Finished requests' caches are kept, in what the slots leave of kv_cache_bytes, so a prompt that
+    # starts the same way skips that part; this caps them (0: none kept, None: no cap)
+    prefix_cache_bytes: int | None = None
     # The engine owns its model, which nothing else changes: it may free the model's weights it keeps
     # in a faster layout and share the rest with other engines' equal weights (the server's engines
     # do; a caller that still runs or changes the model itself, as tests do, must not ask).

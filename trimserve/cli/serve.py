@@ -76,8 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--prefix-cache-mib",
         type=float,
-        help="memory per in-process model for finished requests' caches, so prompts that start the same "
-        "way skip that part of the prefill (default 256; 0: off)",
+        help="cap on the memory per in-process model for finished requests' caches, which prompts that "
+        "start the same way reuse instead of prefilling (default: what the batch's cache leaves of "
+        "--kv-cache-gib; 0: off)",
     )
     serve.add_argument(
         "--compile-decode",
