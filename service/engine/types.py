@@ -14,7 +14,8 @@ class EngineConfig:
     """Limits of one variant's engine; the server builds it from its settings."""
 
     max_batch_size: int | None = None  # requests decoded together; None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int | None = None  # what the slots may take at full context; None: 1/4 of free memory
+    # what the slots may take at full context, and kept prefixes of what they leave; None: 1/4 of free memory
+    kv_cache_bytes: int | None = None
     prefill_tokens_per_step: int = 256  # prompt tokens per step: bounds the stall a burst of arrivals causes
     # Finished requests' caches are kept, in what the slots leave of kv_cache_bytes, so a prompt that
     # starts the same way skips that part; this caps them (0: none kept, None: no cap)

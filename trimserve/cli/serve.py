@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--api-key", help="require this bearer token (also TRIMSERVE_API_KEY)")
     serve.add_argument("--max-batch-size", type=int, help="requests decoded together (default: sized from memory)")
     serve.add_argument(
-        "--kv-cache-gib", type=float, help="cache memory per in-process model for sizing the batch (default: 1/4 free)"
+        "--kv-cache-gib",
+        type=float,
+        help="cache memory per in-process model: sizes the batch; kept prefixes use what it leaves (default: 1/4 free)",
     )
     serve.add_argument(
         "--prefill-tokens-per-step",
