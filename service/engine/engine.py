@@ -383,8 +383,8 @@ class LLMEngine:
         prefills = self._plan_prefills(now, events)
         if decoding or prefills:
             self._run(decoding, prefills, events)
+            self.prefixes.fit(self._prefix_budget())  # the slots' cache may have grown into their share
         self._compact()
-        self.prefixes.fit(self._prefix_budget())  # the slots' cache may have grown into their share
 
     def _plan_prefills(self, now: float, events: list[tuple[_Request, object]]) -> list[tuple[_Request, Chunk]]:
         """This step's prompt chunks: the request part-way through its prompt first, then new ones.
@@ -553,7 +553,6 @@ class LLMEngine:
         """Keep a finished request's cache for prompts that start the same way (not its last token:
         that one was never run)."""
         tokens = (req.prompt + req.output)[: req.length - 1]
-        self.prefixes.fit(self._prefix_budget())
         if self.prefixes.budget and not self.prefixes.covers(tokens):
             saved = self.runner.save(slot, len(tokens))
             if saved is not None:

@@ -443,7 +443,11 @@ class LlamaRunner(StepShortcuts):
     @property
     def cache_bytes(self) -> int:
         """Bytes the KV cache holds now."""
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._caches())
+
+    def _caches(self) -> list[torch.Tensor]:
+        """Every layer's key cache, then every layer's value cache (layers without attention have none)."""
+        return [c for c in (*self.k_cache, *self.v_cache) if c is not None]
 
     def _grow(self, positions: int, slots: int) -> None:
         """Make the cache hold at least `positions` positions (and its headroom) in `slots` slots,
@@ -633,12 +637,11 @@ class LlamaRunner(StepShortcuts):
     def save(self, slot: int, length: int) -> tuple[list[torch.Tensor], int]:
         """The slot's first `length` positions in the model's dtype: every key and value was computed in
         it (the cache only widens them), so the copy loses nothing and takes half the fp32 bytes."""
-        kept = [c[slot, :, :length].to(self.dtype, copy=True) for c in (*self.k_cache, *self.v_cache) if c is not None]
+        kept = [c[slot, :, :length].to(self.dtype, copy=True) for c in self._caches()]
         return kept, sum(t.numel() * t.element_size() for t in kept)
 
     @torch.inference_mode()
     def restore(self, saved: list[torch.Tensor], slot: int, length: int) -> None:
         self._grow(length, slot + 1)
-        caches = [c for c in (*self.k_cache, *self.v_cache) if c is not None]
-        for cache, kept in zip(caches, saved, strict=True):
+        for cache, kept in zip(self._caches(), saved, strict=True):
             cache[slot, :, :length] = kept[:, :length]

@@ -193,4 +193,4 @@ class HFRunner(StepShortcuts):
         return None
 
     def restore(self, saved: object, slot: int, length: int) -> None:
-        raise NotImplementedError("the generic runner keeps no prefixes")
+        raise RuntimeError("the generic runner saves no prefixes, so it has none to restore")
