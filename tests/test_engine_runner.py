@@ -13,6 +13,7 @@ from service.engine.llama import (
     WIDE_ROWS,
     LlamaRunner,
     can_pack,
+    compile_options,
     decode_runs,
     needs_widening,
     unsupported_reason,
@@ -276,6 +277,35 @@ def test_the_servers_bf16_runner_compiles_its_decode_steps(make_model) -> None:
         compiled._compiled_batch is not None  # not where products switch kernels with the row count
     )
     assert torch.equal(got[0], expected)
+
+
+def test_a_static_cache_is_whole_from_the_start_and_compiled_steps_keep_its_addresses() -> None:
+    """What a GPU's CUDA graphs need (`static_cache`, the default when compiling there): the cache
+    is allocated at every slot and position once, so the steps that write into it keep writing at
+    the same addresses, and decode steps of any batch size and length follow `generate`."""
+    model = tiny_llama()
+    runner = LlamaRunner(model, 3, 300, compiled=True, static_cache=True)
+    assert (runner.slots, runner.capacity) == (3, runner.max_seq + runner.headroom)
+    addresses = [cache.data_ptr() for cache in runner._caches()]
+    batch = prompts((40, 7, 25), seed=32)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        assert greedy_batch(runner, batch, 12) == [reference(model, p, 12) for p in batch]
+        prompt = batch[0]
+        out = reference(model, prompt, 1)
+        runner.prefill(0, prompt)
+        while len(out) < 70:  # one request past the first attention buckets
+            out.append(int(runner.decode(torch.tensor([out[-1]]), torch.tensor([len(prompt) + len(out) - 1])).argmax()))
+    assert out == reference(model, prompt, 70)
+    assert [cache.data_ptr() for cache in runner._caches()] == addresses
+    assert (runner.slots, runner.capacity) == (3, runner.max_seq + runner.headroom)
+    assert LlamaRunner(tiny_llama(), 3, 300, compiled=True).static_cache is False  # on a CPU: grown with use
+    assert LlamaRunner(tiny_llama(), 3, 300).capacity < 300
+
+
+def test_decode_steps_compile_to_cuda_graphs_on_a_gpu_only() -> None:
+    gpu, cpu = compile_options(torch.device("cuda")), compile_options(torch.device("cpu"), one_row=True)
+    assert gpu["triton.cudagraphs"] and gpu["emulate_precision_casts"]
+    assert "triton.cudagraphs" not in cpu and cpu["realize_opcount_threshold"] == 1
 
 
 def test_a_compiled_decode_step_without_a_cpp_compiler_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:

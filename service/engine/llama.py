@@ -341,15 +341,23 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def compile_options(device: torch.device, one_row: bool = False) -> dict:
+    """Inductor's options for a decode step on `device` (`one_row`: of one request)."""
+    options = {"emulate_precision_casts": True}
+    if one_row and device.type == "cpu":  # Inductor would inline each RMSNorm into the one-row
+        options["realize_opcount_threshold"] = 1  # product after it, recomputing it for every output
+    if device.type == "cuda":  # a decode step is hundreds of small kernels: launched as one CUDA graph,
+        options["triton.cudagraphs"] = True  # recorded once for each batch size and attention length
+    return options
+
+
 def _compile(forward: Callable, device: torch.device, one_row: bool = False) -> Callable:
     """`forward` compiled for decode steps (`one_row`: of one request). It rounds where eager rounds
     (bf16 included); only one-row products on CPU sum in another order (`_Linear.__call__`)."""
     problem = compile_unavailable(device)
     if problem is not None:
         raise ValueError(problem)
-    options = {"emulate_precision_casts": True}
-    if one_row and device.type == "cpu":  # Inductor would inline each RMSNorm into the one-row
-        options["realize_opcount_threshold"] = 1  # product after it, recomputing it for every output
+    options = compile_options(device, one_row)
     return torch.compile(forward, fullgraph=True, dynamic=False, options=options)
 
 
@@ -361,7 +369,9 @@ class LlamaRunner(StepShortcuts):
     changes: it frees the model's plain weights where the blocked bf16 copies replace them, and
     points the others at equal ones another owning runner holds (a variant's unchanged layers and
     embeddings). `compiled` compiles decode steps: those of one request, and those of several in
-    one run from slot 0.
+    one run from slot 0. `static_cache` (default: compiled on a GPU, where those steps replay as
+    CUDA graphs, which read and write fixed addresses) allocates the whole cache up front, at
+    `max_slots` slots of `max_seq` positions, instead of growing it with use.
     """
 
     def __init__(
@@ -373,6 +383,7 @@ class LlamaRunner(StepShortcuts):
         release: bool = False,
         widen: bool | None = None,
         compiled: bool = False,
+        static_cache: bool | None = None,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -435,8 +446,14 @@ class LlamaRunner(StepShortcuts):
         self.slots = 0  # slots the cache holds now (it grows to max_slots as load needs them)
         self.k_cache: list[torch.Tensor | None] = []
         self.v_cache: list[torch.Tensor | None] = []
+        self.static_cache = compiled and self.device.type == "cuda" if static_cache is None else static_cache
         with torch.inference_mode():  # as when a step grows it: a compiled step sees one kind of tensor
-            self._grow(min(CAPACITY_STEP, self.max_seq), 1)
+            if self.static_cache:
+                self._grow(self.max_seq, max_slots)
+                for cache in self._caches():  # a graph may write into it in place of a copy
+                    torch._dynamo.mark_static_address(cache)
+            else:
+                self._grow(min(CAPACITY_STEP, self.max_seq), 1)
         self.slot_ids = torch.arange(max_slots, device=self.device)
         self.positions = torch.arange(self.max_seq + self.headroom, device=self.device)
 
@@ -469,7 +486,7 @@ class LlamaRunner(StepShortcuts):
                 continue
             k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            if self._compiled_decode is not None:  # not specialised to the cache's size
+            if self._compiled_decode is not None and not self.static_cache:  # not specialised to the cache's size
                 for t in (k, v):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                     torch._dynamo.maybe_mark_dynamic(t, 2)
@@ -507,6 +524,8 @@ class LlamaRunner(StepShortcuts):
         x = F.embedding(torch.cat([tokens.to(self.device), ids]), self.embed).unsqueeze(0)  # (1, N, hidden)
         cos, sin = self.rotary(x, at.unsqueeze(0))
         runs = [self._decode_run(first, positions, i, j, L) for i, j, L in decode_runs((positions + 1).tolist())]
+        if self.static_cache:  # a CUDA graph's outputs live until its next replay: the last step's are read
+            torch.compiler.cudagraph_mark_step_begin()
         if self._compiled_decode is not None and B == 1 and first == 0 and not chunks:  # one request decoding
             return self._compiled_decode(x, cos, sin, B, runs, ())  # always a tuple: its type is guarded on
         if self._compiled_batch is not None and first == 0 and not chunks and len(runs) == 1:
