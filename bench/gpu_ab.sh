@@ -6,7 +6,8 @@
 # on the GPU, evaluates all three, serves them with bf16 weights, runs the serving benchmark's two
 # workloads against each variant alone, and writes the A/B report per workload to $OUT.
 # Settings (environment): MODEL, DEVICE (cuda), DTYPE (bf16), OUT, PORT, BIN, REMOVE (layers),
-# SPARSITY, DRY_RUN=1 (print the commands instead of running them).
+# SPARSITY, COMPILE_DECODE (1: compiled decode steps, replayed as CUDA graphs; 0: eager),
+# DRY_RUN=1 (print the commands instead of running them).
 set -euo pipefail
 
 BIN=${BIN:-.venv/bin}
@@ -16,6 +17,7 @@ DTYPE=${DTYPE:-bf16}
 OUT=${OUT:-bench/out/gpu_ab}
 PORT=${PORT:-8011}
 SPARSITY=${SPARSITY:-0.5}
+COMPILE_DECODE=${COMPILE_DECODE:-1}
 DRY_RUN=${DRY_RUN:-0}
 TS="$BIN/trimserve"
 URL="http://127.0.0.1:$PORT"
@@ -60,6 +62,7 @@ done
 
 SERVE=("$TS" serve --host 127.0.0.1 --port "$PORT" --device "$DEVICE" --dtype "$DTYPE" --max-batch-size 16
     --model "full=$FULL" --model "$DEPTH_NAME=$DEPTH" --model "$SPARSE_NAME=$SPARSE")
+if [ "$COMPILE_DECODE" = 1 ]; then SERVE+=(--compile-decode); fi
 if [ "$DRY_RUN" = 1 ]; then
     run "${SERVE[@]}"
 else

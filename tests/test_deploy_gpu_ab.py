@@ -51,6 +51,7 @@ def test_gpu_settings_reach_every_step(commands: list[list[str]]) -> None:
     (serve,) = by_command(commands, "serve")
     args = parser.parse_args(serve)
     assert (args.device, args.dtype) == ("cuda", "bf16")
+    assert args.compile_decode  # the engine's decode steps as CUDA graphs
     assert [m.split("=")[0] for m in args.model] == ["full", "depth2", "sparse50"]  # a quarter of 6 layers
     for argv in by_command(commands, "eval") + by_command(commands, "prune"):
         assert parser.parse_args(argv).device == "cuda"
