@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -67,15 +68,20 @@ def pooled_summary(label: str, arm: str, results: list, seconds: float) -> dict:
 
 
 def interleaved(arms: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict[str, dict]]:
-    """Every workload on every arm, `rounds` times, the arm order rotated each round."""
+    """Every workload on every arm, `rounds` times, the arm order rotated each round.
+
+    Each run sends prompts of its own seed: the arms share one vLLM, whose prefix cache would
+    otherwise serve the second arm's prompts from the first one's run.
+    """
     out: dict[str, dict[str, dict]] = {arm: {} for arm in arms}
     names = list(arms)
+    seeds = itertools.count(1)
     for label in WORKLOADS:
         pooled = {arm: ([], 0.0) for arm in arms}
         for r in range(rounds):
             for arm in names[r % len(names) :] + names[: r % len(names)]:
                 log.info("%s on %s, round %d", label, arm, r + 1)
-                results, seconds = workload(*arms[arm], label, seed=r)
+                results, seconds = workload(*arms[arm], label, seed=next(seeds))
                 pooled[arm] = (pooled[arm][0] + results, pooled[arm][1] + seconds)
         for arm, (results, seconds) in pooled.items():
             out[arm][label] = pooled_summary(label, arm, results, seconds)
