@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--prefill-tokens-per-step",
         type=int,
-        help="prompt tokens prefilled per engine step; longer prompts are chunked",
+        help="prompt tokens prefilled per engine step (default 1024); longer prompts are chunked",
     )
     serve.add_argument(
         "--prefix-cache-mib",
