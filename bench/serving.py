@@ -70,6 +70,8 @@ def workloads(url: str, out: Path, prefix: str) -> dict[str, dict]:
         summary, _ = run_bench(config)
         (out / f"{prefix}-{label}.json").write_text(json.dumps(summary, indent=2) + "\n")
         runs[label] = {k: v for k, v in summary["variants"]["full"].items() if k != "samples"}
+        if runs[label]["errors"]:  # a throughput over failed requests measures nothing
+            raise SystemExit(f"[{prefix}] {label}: {runs[label]['errors']} of {requests} requests failed (see {out})")
         runs[label]["markdown"] = markdown(summary)
     return runs
 

@@ -33,6 +33,9 @@ class SamplingParams:
     seed: int | None = None  # a seeded request samples the same tokens whatever its batch-mates
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS tokens
     ignore_eos: bool = False
+    # Not sampling, but per request: only requests with the same salt share kept prompt caches, so a
+    # tenant cannot time another's prompts (vLLM's `cache_salt`); None shares with unsalted requests
+    cache_salt: str | None = None
 
 
 def check_sampling(params: SamplingParams, max_tokens: int) -> None:

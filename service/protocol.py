@@ -87,6 +87,7 @@ class SamplingRequest(OpenAIBase):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens (load generators use it)
+    cache_salt: str | None = Field(None, min_length=1)  # extension (vLLM's): the prefix cache's scope
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: Any = None
@@ -129,6 +130,7 @@ class SamplingRequest(OpenAIBase):
             top_p=self.top_p,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            cache_salt=self.cache_salt,
         )
 
 

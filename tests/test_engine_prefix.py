@@ -72,13 +72,28 @@ def test_entries_go_least_recently_used_first_within_the_budget() -> None:
 
 def test_a_hash_collision_costs_a_miss_never_another_requests_cache(monkeypatch) -> None:
     """Every block hashes alike here: only the token ids can tell entries apart."""
-    monkeypatch.setattr(prefix, "block_keys", lambda tokens: [0] * (len(tokens) // BLOCK))
+    monkeypatch.setattr(prefix, "block_keys", lambda tokens, salt=None: [0] * (len(tokens) // BLOCK))
     cache = PrefixCache(budget=10_000)
     mine, other = list(range(1, 41)), list(range(101, 141))
     cache.add(mine, "mine", 10)
     assert cache.match([*other, 1]) is None
     assert not cache.covers(other)
     assert cache.match([*mine, 1])[0].saved == "mine"
+    assert cache.match([*mine, 1], salt="s") is None and not cache.covers(mine, salt="s")  # nor another scope's
+
+
+def test_a_salted_entry_is_found_only_with_its_salt() -> None:
+    cache = PrefixCache(budget=10_000)
+    tokens = list(range(200, 240))
+    cache.add(tokens, "a's", 10, salt="a")
+    assert cache.match([*tokens, 1]) is None and cache.match([*tokens, 1], salt="b") is None
+    assert not cache.covers(tokens) and not cache.covers(tokens, salt="b")
+    assert cache.match([*tokens, 1], salt="a")[0].saved == "a's" and cache.covers(tokens, salt="a")
+    cache.add(tokens, "unsalted", 10)
+    assert cache.match([*tokens, 1])[0].saved == "unsalted" and cache.match([*tokens, 1], salt="a")[0].saved == "a's"
+    cache.fit(10)  # the least recently used (the unsalted one, a's was matched since) goes, and its keys
+    assert cache.match([*tokens, 1]) is None and cache.nbytes == 10 and len(cache) == 1
+    assert cache.match([*tokens, 1], salt="a")[0].saved == "a's"
 
 
 # ----- the runner's copies ---------------------------------------------------------------------
@@ -137,6 +152,29 @@ def test_repeated_prompts_and_the_next_chat_turn_reuse_the_kept_cache() -> None:
     assert sorted(cached) == sorted([0, 0, len(first) - 1, len(first) + len(answer) - 1])
     assert 0 < kept <= engine.kv_budget - engine.runner.cache_bytes
     assert engine.cache_bytes == engine.runner.cache_bytes + kept
+
+
+def test_requests_share_kept_caches_only_within_their_cache_salt() -> None:
+    model = tiny_llama()
+    prompt = prompts((40,), seed=42)[0]
+    answer = reference(model, prompt, 6)
+
+    def salted(salt: str | None) -> SamplingParams:
+        return SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, cache_salt=salt)
+
+    async def main():
+        observer = CountingObserver()
+        engine = LLMEngine("tiny", model, TOKENIZER, EngineConfig(max_batch_size=2), observer)
+        await engine.start()
+        got = []
+        for i, salt in enumerate(["tenant-a", "tenant-b", None, "tenant-a", "tenant-b"]):
+            got.append(await collect(engine, prompt, salted(salt), f"r{i}"))
+        await engine.shutdown(1.0)
+        return got, observer.cached
+
+    got, cached = asyncio.run(main())
+    assert all([e.token_id for e in events] == answer for events in got)
+    assert cached == [0, 0, 0, len(prompt) - 1, len(prompt) - 1]  # each scope prefilled it once
 
 
 def test_kept_prefixes_take_only_what_the_slots_leave_of_the_kv_budget() -> None:

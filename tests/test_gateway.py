@@ -4,6 +4,7 @@ process on a tiny model), behind the same API, A/B routing, limits and metrics a
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import threading
@@ -95,6 +96,26 @@ def test_answers_match_the_upstream_streamed_or_not(gateway: Gateway, upstream: 
     # The same answer from the in-process engine on the same checkpoint.
     native = httpx.post(f"{gateway.url}/v1/completions", json={**body, "model": "native"}, timeout=60).json()
     assert native["choices"][0]["text"] == direct["choices"][0]["text"]
+
+
+def test_the_cache_salt_goes_upstream(gateway: Gateway, upstream: ServeProcess) -> None:
+    """The upstream's prefix cache sees the salt: a prompt again under another salt is prefilled again."""
+
+    def cached() -> float:
+        for line in httpx.get(f"{upstream.url}/metrics").text.splitlines():
+            if line.startswith('trimserve_prompt_tokens_cached_total{variant="full"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    prompt = " ".join(f"w{i}" for i in range(40))  # well past one 16-token block
+    body = {"model": "remote", "prompt": prompt, "max_tokens": 2, **GREEDY}
+    counts = [cached()]
+    for salt in ("tenant-a", "tenant-a", "tenant-b", "tenant-b"):
+        response = httpx.post(f"{gateway.url}/v1/completions", json={**body, "cache_salt": salt}, timeout=60)
+        assert response.status_code == 200, response.text
+        counts.append(cached())
+    new = [b - a for a, b in itertools.pairwise(counts)]
+    assert new[0] == 0 and new[1] > 0 and new[2] == 0 and new[3] == new[1]
 
 
 def test_chat_and_stop_strings_go_upstream(gateway: Gateway, upstream: ServeProcess) -> None:

@@ -203,6 +203,8 @@ async def error_of(response: httpx2.Response, status: int) -> dict:
         ({"model": "full", "prompt": ["a", "b"]}, "prompt"),
         ({"model": "full", "prompt": ""}, "prompt"),
         ({"model": "full", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "full", "prompt": "x", "cache_salt": ""}, "cache_salt"),
+        ({"model": "full", "prompt": "x", "cache_salt": 7}, "cache_salt"),
         ({"model": "full"}, "prompt"),
     ],
 )

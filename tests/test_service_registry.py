@@ -173,9 +173,10 @@ def test_stop_matcher_across_deltas() -> None:
 
 
 def test_requests_convert_to_sampling_params() -> None:
-    request = CompletionRequest(model="m", prompt="x", temperature=0, seed=3, ignore_eos=True, stop="a")
+    request = CompletionRequest(model="m", prompt="x", temperature=0, seed=3, ignore_eos=True, stop="a", cache_salt="s")
     params = request.to_sampling_params(default_max_tokens=16)
     assert (params.max_tokens, params.temperature, params.seed, params.ignore_eos) == (16, 0.0, 3, True)
+    assert params.cache_salt == "s"
     assert request.stop_strings() == ["a"]
     chat = ChatCompletionRequest(
         model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_completion_tokens=7

@@ -232,6 +232,8 @@ class UpstreamBackend:
             body["seed"] = p.seed
         if p.ignore_eos:
             body["ignore_eos"] = True  # an extension vLLM and trimserve read; sent only when asked for
+        if p.cache_salt is not None:
+            body["cache_salt"] = p.cache_salt  # as ignore_eos
         return body
 
     async def _admit(self) -> None:

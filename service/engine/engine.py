@@ -499,7 +499,7 @@ class LLMEngine:
                     events.append((req, RequestTimeout(f"request {req.request_id} timed out in the queue")))
                 else:
                     admitted.append(req)
-                    req.cached = self.prefixes.match(req.prompt)
+                    req.cached = self.prefixes.match(req.prompt, req.params.cache_salt)
                     budget -= len(req.prompt) - (req.cached[1] if req.cached else 0)
         return admitted
 
@@ -552,11 +552,11 @@ class LLMEngine:
     def _keep(self, req: _Request, slot: int) -> None:
         """Keep a finished request's cache for prompts that start the same way (not its last token:
         that one was never run)."""
-        tokens = (req.prompt + req.output)[: req.length - 1]
-        if self.prefixes.budget and not self.prefixes.covers(tokens):
+        tokens, salt = (req.prompt + req.output)[: req.length - 1], req.params.cache_salt
+        if self.prefixes.budget and not self.prefixes.covers(tokens, salt):
             saved = self.runner.save(slot, len(tokens))
             if saved is not None:
-                self.prefixes.add(tokens, *saved)
+                self.prefixes.add(tokens, *saved, salt)
 
 
 def _put_all(events: list[tuple[_Request, object]]) -> None:

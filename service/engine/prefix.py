@@ -7,6 +7,10 @@ hashes of their first 16, 32, ... tokens, and a match is always confirmed on the
 themselves, so a hash collision can only cost a miss, never hand one request another's cache. The
 least recently used entries go first when the kept copies would pass `budget` bytes (the engine
 sets it to what its KV budget leaves free, `fit`).
+
+Every entry belongs to a scope, its requests' `cache_salt` (None: unsalted): a prompt only finds
+entries of its own scope, so whoever does not know a salt cannot learn, from the time to a first
+token, what its requests sent.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ class PrefixEntry:
     tokens: list[int]  # what the saved cache holds, position by position
     saved: Any  # the runner's copy of those positions (`Runner.save`)
     nbytes: int
+    salt: str | None = None  # its scope
 
 
-def block_keys(tokens: list[int]) -> list[int]:
-    """Chained hashes of tokens[:16], tokens[:32], ...: key i stands for the first (i + 1) * BLOCK tokens."""
-    keys, key = [], 0
+def block_keys(tokens: list[int], salt: str | None = None) -> list[int]:
+    """Chained hashes of tokens[:16], tokens[:32], ... in scope `salt`: key i stands for the first
+    (i + 1) * BLOCK tokens."""
+    keys, key = [], hash(salt)
     for end in range(BLOCK, len(tokens) + 1, BLOCK):
         key = hash((key, *tokens[end - BLOCK : end]))
         keys.append(key)
@@ -58,12 +64,13 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def match(self, prompt: list[int]) -> tuple[PrefixEntry, int] | None:
-        """The entry sharing the longest start with `prompt` and how many tokens it covers, leaving at
-        least the prompt's last token to run (its logits give the first new token); None below BLOCK."""
+    def match(self, prompt: list[int], salt: str | None = None) -> tuple[PrefixEntry, int] | None:
+        """The entry of scope `salt` sharing the longest start with `prompt` and how many tokens it
+        covers, leaving at least the prompt's last token to run (its logits give the first new
+        token); None below BLOCK."""
         head = prompt[:-1]
         deepest = None
-        for i, key in enumerate(block_keys(head)):  # key i held implies keys 0..i-1 held (chained)
+        for i, key in enumerate(block_keys(head, salt)):  # key i held implies keys 0..i-1 held (chained)
             if key not in self._by_key:
                 break
             deepest = (i + 1) * BLOCK, key
@@ -72,30 +79,31 @@ class PrefixCache:
         end, key = deepest
         for entry_id in reversed(self._by_key[key]):  # the most recent entry with this prefix first
             entry = self._entries[entry_id]
-            if entry.tokens[:end] == head[:end]:  # a hash says "maybe"; the tokens decide
+            if entry.salt == salt and entry.tokens[:end] == head[:end]:  # a hash says "maybe"; these decide
                 self._entries.move_to_end(entry_id)
                 return entry, common_length(entry.tokens, head, end)
         return None
 
-    def covers(self, tokens: list[int]) -> bool:
-        """Whether some entry already holds all of `tokens` (keeping them again would add nothing)."""
-        keys = block_keys(tokens)
+    def covers(self, tokens: list[int], salt: str | None = None) -> bool:
+        """Whether some entry of scope `salt` already holds all of `tokens` (keeping them again would add nothing)."""
+        keys = block_keys(tokens, salt)
         if not keys:
             return True
         for entry_id in reversed(self._by_key.get(keys[-1], {})):
             entry = self._entries[entry_id]
-            if len(entry.tokens) >= len(tokens) and entry.tokens[: len(tokens)] == tokens:
+            if entry.salt == salt and len(entry.tokens) >= len(tokens) and entry.tokens[: len(tokens)] == tokens:
                 self._entries.move_to_end(entry_id)
                 return True
         return False
 
-    def add(self, tokens: list[int], saved: Any, nbytes: int) -> None:
-        """Keep `saved` (the cache of `tokens`), dropping the least recently used entries past the budget."""
+    def add(self, tokens: list[int], saved: Any, nbytes: int, salt: str | None = None) -> None:
+        """Keep `saved` (the cache of `tokens`) in scope `salt`, dropping the least recently used
+        entries past the budget."""
         if nbytes > self.budget or len(tokens) < BLOCK:
             return
         entry_id = next(self._ids)
-        self._entries[entry_id] = PrefixEntry(list(tokens), saved, nbytes)
-        for key in block_keys(tokens):
+        self._entries[entry_id] = PrefixEntry(list(tokens), saved, nbytes, salt)
+        for key in block_keys(tokens, salt):
             self._by_key.setdefault(key, {})[entry_id] = None
         self.nbytes += nbytes
         self.fit(self.budget)
@@ -109,7 +117,7 @@ class PrefixCache:
     def _drop(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
         self.nbytes -= entry.nbytes
-        for key in block_keys(entry.tokens):
+        for key in block_keys(entry.tokens, entry.salt):
             held = self._by_key.get(key)
             if held is not None:
                 held.pop(entry_id, None)
