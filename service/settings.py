@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     # per in-process model: the batch's cache, and the kept prefixes in what it leaves; None: 1/4 of free memory
     kv_cache_gib: float | None = Field(None, gt=0)
     # prompt tokens per engine step: more serve more under load; fewer stall running requests less
-    prefill_tokens_per_step: int = Field(1024, ge=1)
+    prefill_tokens_per_step: int = Field(EngineConfig.prefill_tokens_per_step, ge=1)
     # per in-process model: a cap on the finished requests' caches kept in what the slots leave of the
     # KV budget (kv_cache_gib); None: no cap, 0: none kept
     prefix_cache_mib: float | None = Field(None, ge=0)

@@ -446,7 +446,7 @@ class LlamaRunner(StepShortcuts):
         self.slots = 0  # slots the cache holds now (it grows to max_slots as load needs them)
         self.k_cache: list[torch.Tensor | None] = []
         self.v_cache: list[torch.Tensor | None] = []
-        self.static_cache = compiled and self.device.type == "cuda" if static_cache is None else static_cache
+        self.static_cache = (compiled and self.device.type == "cuda") if static_cache is None else static_cache
         with torch.inference_mode():  # as when a step grows it: a compiled step sees one kind of tensor
             if self.static_cache:
                 self._grow(self.max_seq, max_slots)

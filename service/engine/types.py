@@ -17,8 +17,9 @@ class EngineConfig:
     # what the slots may take at full context, and kept prefixes of what they leave; None: 1/4 of free memory
     kv_cache_bytes: int | None = None
     # Prompt tokens per step: bounds the stall a burst of arrivals causes the running requests. Fewer,
-    # larger prefill steps serve more in all (on 2 cores at concurrency 16: 1,024 gave 1.13x the tokens/s
-    # of 256, a first token after 0.95 s instead of 0.35 s, and a stall of up to about 0.9 s)
+    # larger prefill steps serve more in all (on 2 cores at concurrency 8 and 16: 1,024 gave 1.07-1.13x the
+    # tokens/s of 256, a first token after about 1 s instead of 0.35 s; a 1,024-token chunk of a long prompt stalled
+    # the running streams for 1.9 s)
     prefill_tokens_per_step: int = 1024
     # Finished requests' caches are kept, in what the slots leave of kv_cache_bytes, so a prompt that
     # starts the same way skips that part; this caps them (0: none kept, None: no cap)
